@@ -1,0 +1,273 @@
+"""DenseNet and DenseNet-BC (Huang et al., 2017) with torchvision's parameter names.
+
+``efficient=True`` runs the same module tree through the shared-buffer dense block of
+``models.efficient``; the state_dict is identical in both modes.
+"""
+
+import math
+import numbers
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .efficient import BlockSpec, DenseBlockFunction, ReaderFunction, block_forward
+
+
+def depth_to_config(depth, growth_rate=12, bc=True):
+    """DenseNet keyword arguments for the paper's depth convention.
+
+    DenseNet-BC has (depth - 4) / 6 bottleneck layers per block and 2 * growth_rate initial
+    features; plain DenseNet has (depth - 4) / 3 layers per block and 16 initial features. Three
+    blocks, as on CIFAR and SVHN. A depth that does not fit raises ValueError naming the nearest
+    valid depths.
+    """
+    per_layer = 6 if bc else 3
+    kind = "DenseNet-BC" if bc else "DenseNet"
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
+        raise ValueError(f"depth must be an integer, got {depth!r}")
+    if depth < 4 + per_layer or (depth - 4) % per_layer:
+        below = 4 + per_layer * max(1, (depth - 4) // per_layer)
+        above = below + per_layer if below <= depth else below
+        nearest = sorted({below, above})
+        raise ValueError(
+            f"invalid depth {depth} for {kind}: depth - 4 must be a positive multiple of "
+            f"{per_layer}; nearest valid depths: {', '.join(map(str, nearest))}")
+    if isinstance(growth_rate, bool) or not isinstance(growth_rate, numbers.Integral) \
+            or growth_rate < 1:
+        raise ValueError(f"growth_rate must be a positive integer, got {growth_rate!r}")
+    layers = (depth - 4) // per_layer
+    return dict(
+        growth_rate=growth_rate,
+        block_config=(layers,) * 3,
+        num_init_features=2 * growth_rate if bc else 16,
+        bn_size=4 if bc else None,
+        compression=0.5 if bc else 1.0,
+    )
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (bottleneck), or BN-ReLU-Conv3x3 without one."""
+
+    def __init__(self, num_input_features, growth_rate, bn_size, drop_rate):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bn_size:
+            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, padding=1, bias=False)
+        self.bottleneck = bool(bn_size)
+        self.drop_rate = float(drop_rate)
+
+    def forward(self, features):
+        """Naive mode: concatenate every earlier feature map, return the k new channels."""
+        out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+    def block_params(self, training):
+        """The tensors the efficient block needs, BatchNorms as per-channel affine maps."""
+        params = [*_bn_affine(self.norm1, training), self.conv1.weight]
+        if self.bottleneck:
+            params += [*_bn_affine(self.norm2, training), self.conv2.weight]
+        return params
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, num_layers, num_input_features, bn_size, growth_rate, drop_rate):
+        super().__init__()
+        for i in range(num_layers):
+            layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size,
+                                drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+        self.growth_rate = growth_rate
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, num_input_features, num_output_features):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, 1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+def _bn_affine(bn, training):
+    """BatchNorm as y = scale * x + shift per channel.
+
+    In training the efficient buffer already holds batch-normalised channels, so this is gamma and
+    beta; in eval the buffer holds raw features and the running statistics are folded in.
+    """
+    if training:
+        return bn.weight, bn.bias
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean, var, count):
+    """What nn.BatchNorm2d does to its buffers in one training forward, from given statistics."""
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+    channels = bn.running_mean.numel()
+    unbiased = var[:channels] * (count / max(count - 1, 1))
+    bn.running_mean.lerp_(mean[:channels].to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+def _check_positive_int(name, value, allow_zero=False):
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+        and (value >= 0 if allow_zero else value >= 1)
+    if not ok:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (and plain DenseNet, -B and -C) for CIFAR/SVHN or ImageNet-sized inputs.
+
+    Args:
+        growth_rate: k, channels each layer adds.
+        block_config: number of layers in each dense block.
+        compression: channel reduction at transitions, in (0, 1]; 1 disables it (no "C").
+        num_init_features: channels of the first convolution.
+        bn_size: bottleneck width as a multiple of growth_rate; None or 0 for no bottleneck.
+        drop_rate: dropout after each layer's last convolution, in [0, 1).
+        num_classes: size of the classifier output.
+        small_inputs: True for the 3x3 CIFAR/SVHN stem, False for the ImageNet stem.
+        efficient: shared-buffer dense blocks (same parameters, far less memory).
+        recompute_bottleneck: with efficient, also recompute the 1x1 convs in backward.
+    """
+
+    def __init__(self, growth_rate=12, block_config=(16, 16, 16), compression=0.5,
+                 num_init_features=24, bn_size=4, drop_rate=0.0, num_classes=10,
+                 small_inputs=True, efficient=False, recompute_bottleneck=False):
+        super().__init__()
+        _check_positive_int("growth_rate", growth_rate)
+        _check_positive_int("num_init_features", num_init_features)
+        _check_positive_int("num_classes", num_classes)
+        if bn_size is None:
+            bn_size = 0
+        _check_positive_int("bn_size", bn_size, allow_zero=True)
+        if isinstance(block_config, (str, bytes)) or not hasattr(block_config, "__len__") \
+                or len(block_config) == 0:
+            raise ValueError(
+                f"block_config must be a non-empty sequence of positive integers, "
+                f"got {block_config!r}")
+        for n in block_config:
+            _check_positive_int("each entry of block_config", n)
+        if isinstance(compression, bool) or not isinstance(compression, numbers.Real) \
+                or not 0 < compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real) \
+                or not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        for name, flag in [("small_inputs", small_inputs), ("efficient", efficient),
+                           ("recompute_bottleneck", recompute_bottleneck)]:
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        if recompute_bottleneck and not efficient:
+            raise ValueError("recompute_bottleneck=True requires efficient=True")
+        if recompute_bottleneck and not bn_size:
+            raise ValueError("recompute_bottleneck=True requires a bottleneck (bn_size > 0)")
+
+        self.efficient = efficient
+        self.recompute_bottleneck = recompute_bottleneck
+        if small_inputs:
+            stem = [("conv0", nn.Conv2d(3, num_init_features, 3, padding=1, bias=False))]
+        else:
+            stem = [
+                ("conv0", nn.Conv2d(3, num_init_features, 7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        self.features = nn.Sequential(OrderedDict(stem))
+
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            num_features += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                out_features = int(math.floor(num_features * compression))
+                if out_features < 1:
+                    raise ValueError(
+                        f"compression {compression} leaves no channels after block {i + 1}")
+                self.features.add_module(f"transition{i + 1}",
+                                         _Transition(num_features, out_features))
+                num_features = out_features
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x):
+        if not self.efficient:
+            features = self.features(x)
+            out = F.adaptive_avg_pool2d(F.relu(features), (1, 1))
+            return self.classifier(torch.flatten(out, 1))
+        return self.classifier(self._efficient_features(x))
+
+    def _efficient_features(self, x):
+        """Pooled features computed block by block through the shared-buffer Functions."""
+        stats = None  # (buffer, mean, var) of the last dense block
+        for name, module in self.features.named_children():
+            if isinstance(module, _DenseBlock):
+                stats = self._run_block(module, x)
+            elif isinstance(module, _Transition):
+                x = self._read_buffer(module.norm, stats, module.conv.weight)
+            elif name == "norm5":
+                return self._read_buffer(module, stats, None)
+            else:
+                x = module(x)
+        raise RuntimeError("features must end with norm5")
+
+    @torch.compiler.disable
+    def _run_block(self, block, x):
+        layers = list(block.values())
+        first = layers[0]
+        spec = BlockSpec(len(layers), block.growth_rate, first.bottleneck, self.training,
+                         first.norm1.eps, first.drop_rate, self.recompute_bottleneck)
+        params = [t for layer in layers for t in layer.block_params(self.training)]
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
+            buf, mean, var, z_mean, z_var = DenseBlockFunction.apply(spec, x, *params)
+        else:
+            buf, (mean, var, z_mean, z_var), _ = block_forward(spec, x, params, False)
+        if self.training:
+            count = buf.shape[0] * buf.shape[2] * buf.shape[3]
+            for j, layer in enumerate(layers):
+                _update_running_stats(layer.norm1, mean, var, count)
+                if layer.bottleneck:
+                    _update_running_stats(layer.norm2, z_mean[j], z_var[j], count)
+        return buf, mean, var
+
+    @torch.compiler.disable
+    def _read_buffer(self, norm, stats, weight):
+        buf, mean, var = stats
+        if self.training:
+            count = buf.shape[0] * buf.shape[2] * buf.shape[3]
+            _update_running_stats(norm, mean, var, count)
+        scale, shift = _bn_affine(norm, self.training)
+        return ReaderFunction.apply(weight is None, buf, scale, shift, weight)

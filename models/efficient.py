@@ -1,0 +1,310 @@
+"""Memory-efficient dense blocks: one shared feature buffer, BatchNorm applied once per channel.
+
+How it works, and why it needs a custom autograd Function
+---------------------------------------------------------
+In a dense block, layer j reads the concatenation of every feature map produced before it, applies
+BatchNorm + ReLU + a convolution, and appends k new channels. Done naively, every layer copies
+the concatenation and autograd keeps that copy, its normalised version and its ReLU for backward:
+O(L^2) memory. Checkpointing (torchvision's ``memory_efficient``, gpleiss) frees those copies but
+re-runs concatenation and BatchNorm in backward.
+
+Here a block owns one buffer of shape (N, C_in + L*k, H, W). Each layer writes its k new channels
+into its slice, and nothing else is stored per layer except the bottleneck (1x1 conv) output.
+
+The buffer holds every channel *already normalised*. In training mode a channel's batch mean and
+variance are the same for every later layer that reads it, so they are computed once, when the
+channel is produced, and the buffer stores (x - mean) / std. Layer j's BatchNorm then reduces to a
+per-channel affine map gamma_j * buffer + beta_j (in eval mode the buffer stores the raw x and the
+running statistics are folded into that affine map instead). BatchNorm's backward splits the same
+way: every reader adds gamma_j * dL/dy_j into a gradient buffer G, and the part of BatchNorm's
+backward that goes through the batch statistics is applied once per channel, when the backward
+pass reaches the layer that produced it (all its readers are done by then). Quadratic BatchNorm
+work becomes linear.
+
+Writing into the shared buffer would trip autograd's version checks and make it keep every
+intermediate, so the block is one ``torch.autograd.Function``: forward keeps only the buffer (and
+the bottleneck outputs unless ``recompute_bottleneck``), and backward walks the layers in reverse,
+recomputing each layer's cheap affine + ReLU from the buffer. Transitions and the classifier head
+read the buffer through the same affine map with a second small Function, so nothing there is
+stored either.
+"""
+
+import torch
+import torch.nn.functional as F
+
+_aten = torch.ops.aten
+
+
+def compute_dtype(x):
+    """The dtype convolutions run in: autocast's when it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel(v):
+    return v.view(1, -1, 1, 1)
+
+
+def _affine_relu(x, scale, shift):
+    """relu(scale * x + shift) per channel, into a new contiguous tensor."""
+    return torch.addcmul(_channel(shift), x, _channel(scale)).relu_()
+
+
+def _affine_backward(grad_y, x, scale):
+    """Gradients of y = scale * x + shift (per channel) with respect to x, scale and shift."""
+    dims = (0, 2, 3)
+    return grad_y * _channel(scale), (grad_y * x).sum(dims), grad_y.sum(dims)
+
+
+def _batch_stats(x, stat_dtype):
+    var, mean = torch.var_mean(x.to(stat_dtype), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _normalize_into(out, x, mean, invstd):
+    torch.mul(x - _channel(mean).to(x.dtype), _channel(invstd).to(x.dtype), out=out)
+
+
+def _normalized_grad(grad_xhat, xhat, invstd):
+    """BatchNorm backward through the batch statistics, given dL/d xhat and xhat itself."""
+    dims = (0, 2, 3)
+    g = grad_xhat.to(invstd.dtype)
+    xh = xhat.to(invstd.dtype)
+    mean_g = g.mean(dims)
+    mean_gx = (g * xh).mean(dims)
+    out = (g - _channel(mean_g) - xh * _channel(mean_gx)) * _channel(invstd)
+    return out.to(grad_xhat.dtype)
+
+
+class BlockSpec:
+    """Static description of one dense block's computation (no tensors)."""
+
+    def __init__(self, num_layers, growth_rate, bottleneck, training, eps, drop_rate,
+                 recompute_bottleneck):
+        self.num_layers = num_layers
+        self.growth_rate = growth_rate
+        self.bottleneck = bottleneck
+        self.training = training
+        self.eps = eps
+        self.drop_rate = drop_rate if training else 0.0
+        self.recompute_bottleneck = recompute_bottleneck
+        self.params_per_layer = 6 if bottleneck else 3
+
+
+def _conv1_padding(spec):
+    return 0 if spec.bottleneck else 1
+
+
+def _bottleneck_input(spec, z, z_mean, z_invstd, scale2, shift2):
+    """relu(norm2(z)): batch statistics in training, running statistics folded in eval."""
+    if spec.training:
+        scale = scale2.to(z_invstd.dtype) * z_invstd
+        shift = shift2.to(z_invstd.dtype) - z_mean * scale
+        return _affine_relu(z, scale.to(z.dtype), shift.to(z.dtype))
+    return _affine_relu(z, scale2.to(z.dtype), shift2.to(z.dtype))
+
+
+def block_forward(spec, x, params, keep_for_backward):
+    """Run a dense block. Returns (buffer, stats, saved).
+
+    ``buffer`` holds every channel, normalised by batch statistics in training, raw in eval.
+    ``stats`` is (mean, var, z_mean, z_var): biased batch statistics of the buffer's channels and
+    of each layer's bottleneck output (empty tensors in eval). ``saved`` is what backward needs
+    beyond the buffer: per-layer bottleneck outputs and dropout masks.
+    """
+    n, c_in, height, width = x.shape
+    k = spec.growth_rate
+    if spec.training and n * height * width <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    dtype = compute_dtype(x)
+    sdt = _stat_dtype(dtype)
+    c_total = c_in + spec.num_layers * k
+    buf = torch.empty((n, c_total, height, width), dtype=dtype, device=x.device)
+    mean = torch.zeros(c_total, dtype=sdt, device=x.device)
+    var = torch.ones(c_total, dtype=sdt, device=x.device)
+    z_means, z_vars, saved_z, masks = [], [], [], []
+
+    def store(lo, hi, features):
+        if spec.training:
+            m, v = _batch_stats(features, sdt)
+            mean[lo:hi], var[lo:hi] = m, v
+            _normalize_into(buf[:, lo:hi], features, m, torch.rsqrt(v + spec.eps))
+        else:
+            buf[:, lo:hi] = features
+
+    store(0, c_in, x)
+    for j in range(spec.num_layers):
+        c = c_in + j * k
+        p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
+        h = _affine_relu(buf[:, :c], p[0].to(dtype), p[1].to(dtype))
+        new = F.conv2d(h, p[2].to(dtype), padding=_conv1_padding(spec))
+        del h
+        if spec.bottleneck:
+            z = new
+            if spec.training:
+                z_mean, z_var = _batch_stats(z, sdt)
+                z_means.append(z_mean)
+                z_vars.append(z_var)
+                u = _bottleneck_input(spec, z, z_mean, torch.rsqrt(z_var + spec.eps), p[3], p[4])
+            else:
+                u = _bottleneck_input(spec, z, None, None, p[3], p[4])
+            if keep_for_backward and not spec.recompute_bottleneck:
+                saved_z.append(z)
+            del z
+            new = F.conv2d(u, p[5].to(dtype), padding=1)
+            del u
+        if spec.drop_rate > 0:
+            # Same random draws as F.dropout(new) (RNG use depends on shape only), but the mask
+            # is kept so that backward applies exactly the forward's mask.
+            scaled_mask = F.dropout(torch.ones_like(new), spec.drop_rate, True)
+            new = new * scaled_mask
+            if keep_for_backward:
+                masks.append(scaled_mask != 0)
+        store(c, c + k, new)
+
+    def stack(values):
+        return torch.stack(values) if values else torch.empty(0, dtype=sdt, device=x.device)
+
+    if not spec.training:
+        mean, var = mean[:0], var[:0]
+    return buf, (mean, var, stack(z_means), stack(z_vars)), (saved_z, masks)
+
+
+class DenseBlockFunction(torch.autograd.Function):
+    """A whole dense block as one autograd node; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, spec, x, *params):
+        buf, stats, (saved_z, masks) = block_forward(spec, x, params, keep_for_backward=True)
+        mean, var, z_mean, z_var = stats
+        ctx.spec = spec
+        ctx.x_dtype = x.dtype
+        ctx.num_z = len(saved_z)
+        ctx.save_for_backward(buf, mean, var, z_mean, z_var, *params, *saved_z, *masks)
+        ctx.mark_non_differentiable(mean, var, z_mean, z_var)
+        return buf, mean, var, z_mean, z_var
+
+    @staticmethod
+    def backward(ctx, grad_buf, *unused_stat_grads):
+        spec = ctx.spec
+        saved = ctx.saved_tensors
+        buf, mean, var, z_mean_all, z_var_all = saved[:5]
+        num_params = spec.num_layers * spec.params_per_layer
+        params = saved[5:5 + num_params]
+        saved_z = saved[5 + num_params:5 + num_params + ctx.num_z]
+        masks = saved[5 + num_params + ctx.num_z:]
+        dtype = buf.dtype
+        k = spec.growth_rate
+        c_in = buf.shape[1] - spec.num_layers * k
+        invstd = torch.rsqrt(var + spec.eps) if spec.training else None
+
+        # G accumulates dL/d(buffer) from every reader of each channel.
+        grad = torch.zeros_like(buf) if grad_buf is None else grad_buf.to(dtype, copy=True)
+        grad = grad.contiguous()
+        param_grads = [None] * num_params
+
+        def channel_grad(lo, hi):
+            g = grad[:, lo:hi]
+            if spec.training:
+                return _normalized_grad(g, buf[:, lo:hi], invstd[lo:hi])
+            return g
+
+        pad1 = _conv1_padding(spec)
+        for j in reversed(range(spec.num_layers)):
+            c = c_in + j * k
+            p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
+            g_new = channel_grad(c, c + k)
+            if spec.drop_rate > 0:
+                g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
+            scale1, shift1, w1 = p[0].to(dtype), p[1].to(dtype), p[2].to(dtype)
+            h = _affine_relu(buf[:, :c], scale1, shift1)
+            if spec.bottleneck:
+                w2 = p[5].to(dtype)
+                z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
+                if spec.training:
+                    z_mean = z_mean_all[j]
+                    z_invstd = torch.rsqrt(z_var_all[j] + spec.eps)
+                    u = _bottleneck_input(spec, z, z_mean, z_invstd, p[3], p[4])
+                else:
+                    u = _bottleneck_input(spec, z, None, None, p[3], p[4])
+                g_u, g_w2, _ = _aten.convolution_backward(
+                    g_new, u, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                    [True, True, False])
+                g_u = _aten.threshold_backward(g_u, u, 0)
+                del u
+                if spec.training:
+                    g_z, g_scale2, g_shift2 = _aten.native_batch_norm_backward(
+                        g_u, z, p[3].to(dtype), None, None, z_mean, z_invstd, True, spec.eps,
+                        [True, True, True])
+                else:
+                    g_z, g_scale2, g_shift2 = _affine_backward(g_u, z, p[3].to(dtype))
+                del g_u, z
+                param_grads[j * 6 + 3] = g_scale2.to(p[3].dtype)
+                param_grads[j * 6 + 4] = g_shift2.to(p[4].dtype)
+                param_grads[j * 6 + 5] = g_w2.to(p[5].dtype)
+                g_out = g_z
+            else:
+                g_out = g_new
+            g_h, g_w1, _ = _aten.convolution_backward(
+                g_out, h, w1, None, [1, 1], [pad1, pad1], [1, 1], False, [0, 0], 1,
+                [True, True, False])
+            g_h = _aten.threshold_backward(g_h, h, 0)
+            del h, g_out
+            g_buf, g_scale1, g_shift1 = _affine_backward(g_h, buf[:, :c], scale1)
+            grad[:, :c] += g_buf
+            del g_h, g_buf
+            base = j * spec.params_per_layer
+            param_grads[base] = g_scale1.to(p[0].dtype)
+            param_grads[base + 1] = g_shift1.to(p[1].dtype)
+            param_grads[base + 2] = g_w1.to(p[2].dtype)
+
+        grad_x = channel_grad(0, c_in).to(ctx.x_dtype)
+        return (None, grad_x, *param_grads)
+
+
+class ReaderFunction(torch.autograd.Function):
+    """A BatchNorm-ReLU reader of a block's buffer, then a pool and an optional 1x1 conv.
+
+    Used for transitions (pool 2x2, then conv: the same as conv-then-pool for a 1x1 conv, at a
+    quarter of the cost) and for the head (global pool, no conv). Saves only the buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, global_pool, buf, scale, shift, weight):
+        dtype = buf.dtype
+        h = _affine_relu(buf, scale.to(dtype), shift.to(dtype))
+        pooled = h.mean((2, 3)) if global_pool else F.avg_pool2d(h, 2)
+        out = pooled if weight is None else F.conv2d(pooled, weight.to(dtype))
+        ctx.global_pool = global_pool
+        ctx.save_for_backward(buf, scale, shift, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        buf, scale, shift, weight = ctx.saved_tensors
+        dtype = buf.dtype
+        grad_out = grad_out.to(dtype)
+        h = _affine_relu(buf, scale.to(dtype), shift.to(dtype))
+        grad_weight = None
+        if weight is None:
+            g_pooled = grad_out
+        else:
+            pooled = F.avg_pool2d(h, 2)
+            g_pooled, grad_weight, _ = _aten.convolution_backward(
+                grad_out, pooled, weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                1, [True, True, False])
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.global_pool:
+            area = h.shape[2] * h.shape[3]
+            g_h = (g_pooled / area)[:, :, None, None].expand_as(h)
+        else:
+            g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True, None)
+        g_h = _aten.threshold_backward(g_h, h, 0)
+        g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale.to(dtype))
+        return None, g_buf, g_scale.to(scale.dtype), g_shift.to(shift.dtype), grad_weight
