@@ -50,24 +50,38 @@ def _channel(v):
     return v.view(1, -1, 1, 1)
 
 
+def _identity_stats(scale):
+    return torch.zeros_like(scale), torch.ones_like(scale)
+
+
 def _affine_relu(x, scale, shift):
-    """relu(scale * x + shift) per channel, into a new contiguous tensor."""
-    return torch.addcmul(_channel(shift), x, _channel(scale)).relu_()
+    """relu(scale * x + shift) per channel, into a new contiguous tensor.
+
+    BatchNorm's inference kernel with mean 0, variance 1 and eps 0 is exactly this affine map,
+    with float32 scale and shift even for half-precision x (one rounding, as nn.BatchNorm2d).
+    """
+    mean, var = _identity_stats(scale)
+    return F.batch_norm(x, mean, var, scale, shift, False, 0.0, 0.0).relu_()
 
 
-def _affine_backward(grad_y, x, scale):
-    """Gradients of y = scale * x + shift (per channel) with respect to x, scale and shift."""
-    dims = (0, 2, 3)
-    return grad_y * _channel(scale), (grad_y * x).sum(dims), grad_y.sum(dims)
+def _affine_backward(grad_y, x, scale, grad_x=None):
+    """Gradients of y = scale * x + shift (per channel): (grad_x, grad_scale, grad_shift).
+
+    With ``grad_x`` given, scale * grad_y is added into it in place (and it is returned).
+    """
+    mean, var = _identity_stats(scale)
+    g_x, g_scale, g_shift = _aten.native_batch_norm_backward(
+        grad_y, x, scale, mean, var, None, None, False, 0.0, [grad_x is None, True, True])
+    if grad_x is not None:
+        g_x = grad_x.addcmul_(grad_y, _channel(scale).to(grad_y.dtype))
+    return g_x, g_scale, g_shift
 
 
-def _batch_stats(x, stat_dtype):
-    var, mean = torch.var_mean(x.to(stat_dtype), dim=(0, 2, 3), correction=0)
-    return mean, var
-
-
-def _normalize_into(out, x, mean, invstd):
-    torch.mul(x - _channel(mean).to(x.dtype), _channel(invstd).to(x.dtype), out=out)
+def _batch_norm_train(x, weight, bias, eps, stat_dtype):
+    """Training-mode BatchNorm in one pass: (output, batch mean, batch variance (biased))."""
+    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    mean, invstd = mean.to(stat_dtype), invstd.to(stat_dtype)
+    return out, mean, invstd.pow(-2) - eps
 
 
 def _normalized_grad(grad_xhat, xhat, invstd):
@@ -103,10 +117,9 @@ def _conv1_padding(spec):
 def _bottleneck_input(spec, z, z_mean, z_invstd, scale2, shift2):
     """relu(norm2(z)): batch statistics in training, running statistics folded in eval."""
     if spec.training:
-        scale = scale2.to(z_invstd.dtype) * z_invstd
-        shift = shift2.to(z_invstd.dtype) - z_mean * scale
-        return _affine_relu(z, scale.to(z.dtype), shift.to(z.dtype))
-    return _affine_relu(z, scale2.to(z.dtype), shift2.to(z.dtype))
+        scale = scale2 * z_invstd
+        return _affine_relu(z, scale, shift2 - z_mean * scale)
+    return _affine_relu(z, scale2, shift2)
 
 
 def block_forward(spec, x, params, keep_for_backward):
@@ -121,7 +134,8 @@ def block_forward(spec, x, params, keep_for_backward):
     k = spec.growth_rate
     if spec.training and n * height * width <= 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+            "Expected more than 1 value per channel when training, "
+            f"got input size {tuple(x.shape)}")
     dtype = compute_dtype(x)
     sdt = _stat_dtype(dtype)
     c_total = c_in + spec.num_layers * k
@@ -132,9 +146,8 @@ def block_forward(spec, x, params, keep_for_backward):
 
     def store(lo, hi, features):
         if spec.training:
-            m, v = _batch_stats(features, sdt)
-            mean[lo:hi], var[lo:hi] = m, v
-            _normalize_into(buf[:, lo:hi], features, m, torch.rsqrt(v + spec.eps))
+            buf[:, lo:hi], mean[lo:hi], var[lo:hi] = _batch_norm_train(
+                features, None, None, spec.eps, sdt)
         else:
             buf[:, lo:hi] = features
 
@@ -142,16 +155,16 @@ def block_forward(spec, x, params, keep_for_backward):
     for j in range(spec.num_layers):
         c = c_in + j * k
         p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
-        h = _affine_relu(buf[:, :c], p[0].to(dtype), p[1].to(dtype))
+        h = _affine_relu(buf[:, :c], p[0], p[1])
         new = F.conv2d(h, p[2].to(dtype), padding=_conv1_padding(spec))
         del h
         if spec.bottleneck:
             z = new
             if spec.training:
-                z_mean, z_var = _batch_stats(z, sdt)
+                u, z_mean, z_var = _batch_norm_train(z, p[3], p[4], spec.eps, sdt)
+                u = u.relu_()
                 z_means.append(z_mean)
                 z_vars.append(z_var)
-                u = _bottleneck_input(spec, z, z_mean, torch.rsqrt(z_var + spec.eps), p[3], p[4])
             else:
                 u = _bottleneck_input(spec, z, None, None, p[3], p[4])
             if keep_for_backward and not spec.recompute_bottleneck:
@@ -222,8 +235,10 @@ class DenseBlockFunction(torch.autograd.Function):
             g_new = channel_grad(c, c + k)
             if spec.drop_rate > 0:
                 g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
-            scale1, shift1, w1 = p[0].to(dtype), p[1].to(dtype), p[2].to(dtype)
-            h = _affine_relu(buf[:, :c], scale1, shift1)
+            w1 = p[2].to(dtype)
+            # One contiguous copy is cheaper than two BatchNorm kernels on a strided slice.
+            inputs = buf[:, :c].contiguous()
+            h = _affine_relu(inputs, p[0], p[1])
             if spec.bottleneck:
                 w2 = p[5].to(dtype)
                 z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
@@ -239,11 +254,12 @@ class DenseBlockFunction(torch.autograd.Function):
                 g_u = _aten.threshold_backward(g_u, u, 0)
                 del u
                 if spec.training:
+                    # Mixed precision is fine here: statistics and gamma stay in float32.
                     g_z, g_scale2, g_shift2 = _aten.native_batch_norm_backward(
-                        g_u, z, p[3].to(dtype), None, None, z_mean, z_invstd, True, spec.eps,
+                        g_u, z, p[3], None, None, z_mean, z_invstd, True, spec.eps,
                         [True, True, True])
                 else:
-                    g_z, g_scale2, g_shift2 = _affine_backward(g_u, z, p[3].to(dtype))
+                    g_z, g_scale2, g_shift2 = _affine_backward(g_u, z, p[3])
                 del g_u, z
                 param_grads[j * 6 + 3] = g_scale2.to(p[3].dtype)
                 param_grads[j * 6 + 4] = g_shift2.to(p[4].dtype)
@@ -256,9 +272,8 @@ class DenseBlockFunction(torch.autograd.Function):
                 [True, True, False])
             g_h = _aten.threshold_backward(g_h, h, 0)
             del h, g_out
-            g_buf, g_scale1, g_shift1 = _affine_backward(g_h, buf[:, :c], scale1)
-            grad[:, :c] += g_buf
-            del g_h, g_buf
+            _, g_scale1, g_shift1 = _affine_backward(g_h, inputs, p[0], grad_x=grad[:, :c])
+            del g_h, inputs
             base = j * spec.params_per_layer
             param_grads[base] = g_scale1.to(p[0].dtype)
             param_grads[base + 1] = g_shift1.to(p[1].dtype)
@@ -278,7 +293,7 @@ class ReaderFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, global_pool, buf, scale, shift, weight):
         dtype = buf.dtype
-        h = _affine_relu(buf, scale.to(dtype), shift.to(dtype))
+        h = _affine_relu(buf, scale, shift)
         pooled = h.mean((2, 3)) if global_pool else F.avg_pool2d(h, 2)
         out = pooled if weight is None else F.conv2d(pooled, weight.to(dtype))
         ctx.global_pool = global_pool
@@ -290,7 +305,7 @@ class ReaderFunction(torch.autograd.Function):
         buf, scale, shift, weight = ctx.saved_tensors
         dtype = buf.dtype
         grad_out = grad_out.to(dtype)
-        h = _affine_relu(buf, scale.to(dtype), shift.to(dtype))
+        h = _affine_relu(buf, scale, shift)
         grad_weight = None
         if weight is None:
             g_pooled = grad_out
@@ -306,5 +321,5 @@ class ReaderFunction(torch.autograd.Function):
         else:
             g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True, None)
         g_h = _aten.threshold_backward(g_h, h, 0)
-        g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale.to(dtype))
+        g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale)
         return None, g_buf, g_scale.to(scale.dtype), g_shift.to(shift.dtype), grad_weight
