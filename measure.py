@@ -34,27 +34,41 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_training_steps(models, inputs, targets, repeats=10, warmup=2):
-    """Median forward+backward seconds per model, the models interleaved so noise hits all alike.
+def time_training_steps(models, inputs, targets, repeats=10, warmup=2, autocast_dtype=None):
+    """Median forward and backward seconds per model, interleaved so noise hits all alike.
 
-    ``models`` maps a name to a module; returns a dict of the same names.
+    ``models`` maps a name to a module. Returns {name: {"forward": s, "backward": s, "step": s}},
+    where "step" is the median of forward + backward per repetition.
     """
     loss_fn = torch.nn.CrossEntropyLoss()
-    times = {name: [] for name in models}
+    device = inputs.device
+    times = {name: {"forward": [], "backward": [], "step": []} for name in models}
     for step in range(warmup + repeats):
         for name, model in models.items():
             model.zero_grad(set_to_none=True)
-            _sync(inputs.device)
+            _sync(device)
             start = time.perf_counter()
-            loss_fn(model(inputs), targets).backward()
-            _sync(inputs.device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                loss = loss_fn(model(inputs), targets)
+            _sync(device)
+            middle = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            end = time.perf_counter()
             if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+                times[name]["forward"].append(middle - start)
+                times[name]["backward"].append(end - middle)
+                times[name]["step"].append(end - start)
+    return {name: {part: statistics.median(values) for part, values in parts.items()}
+            for name, parts in times.items()}
 
 
-def peak_training_memory(model, inputs, targets, optimizer=None):
-    """Peak CUDA bytes allocated during one full training step (forward, backward, step)."""
+def peak_training_memory(model, inputs, targets, optimizer=None, autocast_dtype=None):
+    """Peak CUDA bytes allocated during one full training step (forward, backward, step).
+
+    The model, its gradients and optimizer state are counted: this is what the step needs.
+    """
     device = inputs.device
     if device.type != "cuda":
         raise ValueError("peak_training_memory needs a CUDA device")
@@ -62,7 +76,10 @@ def peak_training_memory(model, inputs, targets, optimizer=None):
     loss_fn = torch.nn.CrossEntropyLoss()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    loss_fn(model(inputs), targets).backward()
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        loss = loss_fn(model(inputs), targets)
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)

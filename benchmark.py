@@ -1,0 +1,362 @@
+"""Memory and speed of this project's DenseNets against torchvision's, on CPU or CUDA.
+
+    python benchmark.py                 # every default configuration on the available device
+    python benchmark.py --quick True    # a small run (under a minute on a CPU), as CI does
+
+Writes results/benchmark-<device>.csv, .md and .png plots (see --out).
+"""
+
+import concurrent.futures
+import csv
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+import fire
+import torch
+import torchvision
+
+from measure import peak_training_memory, saved_tensor_bytes, time_training_steps
+from models import DenseNet, depth_to_config
+
+IMPLEMENTATIONS = ("naive", "efficient", "recompute", "torchvision", "torchvision_me")
+LABELS = {
+    "naive": "naive (this project)",
+    "efficient": "efficient (this project)",
+    "recompute": "efficient + recompute_bottleneck",
+    "torchvision": "torchvision",
+    "torchvision_me": "torchvision memory_efficient",
+}
+CSV_COLUMNS = ["device", "config", "depth", "growth_rate", "image_size", "batch_size", "impl",
+               "amp", "params", "saved_mb", "peak_mb", "forward_ms", "backward_ms", "step_ms"]
+
+
+def bc_config(depth, growth_rate, batch_size=64):
+    """A CIFAR-sized DenseNet-BC configuration."""
+    return dict(name=f"BC-{depth} k={growth_rate}", depth=depth, image_size=32,
+                batch_size=batch_size, num_classes=10, small_inputs=True,
+                **depth_to_config(depth, growth_rate))
+
+
+DENSENET121 = dict(name="DenseNet-121", depth=121, image_size=224, batch_size=32,
+                   num_classes=1000, small_inputs=False, growth_rate=32,
+                   block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
+                   compression=0.5)
+
+
+def default_configs():
+    depths = [bc_config(d, 12) for d in (40, 100, 190, 250)]
+    return depths + [bc_config(250, 24), bc_config(190, 40), DENSENET121]
+
+
+def quick_configs():
+    return [bc_config(40, 12, batch_size=32), bc_config(100, 12, batch_size=32)]
+
+
+def build(impl, config):
+    """The named implementation of a configuration; all have the same architecture."""
+    if impl.startswith("torchvision"):
+        model = torchvision.models.DenseNet(
+            growth_rate=config["growth_rate"], block_config=config["block_config"],
+            num_init_features=config["num_init_features"], bn_size=config["bn_size"],
+            num_classes=config["num_classes"], memory_efficient=impl == "torchvision_me")
+        if config["small_inputs"]:
+            model.features.conv0 = torch.nn.Conv2d(3, config["num_init_features"], 3, padding=1,
+                                                   bias=False)
+            del model.features.norm0, model.features.relu0, model.features.pool0
+        return model
+    keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
+            "num_classes", "small_inputs")
+    return DenseNet(efficient=impl != "naive", recompute_bottleneck=impl == "recompute",
+                    **{k: config[k] for k in keys})
+
+
+def batch(config, device, batch_size=None):
+    n = batch_size or config["batch_size"]
+    size = config["image_size"]
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(n, 3, size, size, generator=generator).to(device)
+    targets = torch.randint(0, config["num_classes"], (n,), generator=generator).to(device)
+    return inputs, targets
+
+
+def estimated_naive_bytes(config):
+    """Rough bytes the naive model saves for backward: a guard against exhausting CPU memory."""
+    n, size = config["batch_size"], config["image_size"]
+    if not config["small_inputs"]:
+        size //= 4
+    k, width = config["growth_rate"], (config["bn_size"] or 0) * config["growth_rate"]
+    channels, total = config["num_init_features"], 0
+    for i, layers in enumerate(config["block_config"]):
+        for j in range(layers):
+            c = channels + j * k
+            total += (2 * c + 2 * width) * n * size * size * 4
+        channels = int(math.floor((channels + layers * k) * config["compression"]))
+        size = max(size // 2, 1)
+    return total
+
+
+def _run_in_fresh_process(function, *args):
+    """Call function(*args) in a new interpreter, so allocator caches cannot leak between runs."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _peak_worker(impl, config, device_name, amp, batch_size=None):
+    """Peak MB of one training step; None when it does not fit in the device's memory."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    try:
+        model = build(impl, config).to(device)
+        inputs, targets = batch(config, device, batch_size)
+        peak = peak_training_memory(model, inputs, targets,
+                                    autocast_dtype=torch.bfloat16 if amp else None)
+        return peak / 2**20
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def _fits(impl, config, device_name, batch_size):
+    return _run_in_fresh_process(_peak_worker, impl, config, device_name, False,
+                                 batch_size) is not None
+
+
+def _largest(fits, low, limit):
+    """The largest value in [low, limit] for which fits() holds, by doubling then bisection."""
+    if not fits(low):
+        return None
+    high = low
+    while high < limit:
+        candidate = min(high * 2, limit)
+        if not fits(candidate):
+            break
+        low = high = candidate
+    else:
+        return high
+    high = candidate
+    while high - low > max(1, low // 64):
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def largest_batch(impl, device_name, depth=100):
+    """Largest batch of BC-depth k=12 at 32x32 whose training step fits (within 1/64)."""
+    config = bc_config(depth, 12)
+    return _largest(lambda b: _fits(impl, config, device_name, b), 64, 2**16)
+
+
+def deepest_network(impl, device_name, batch_size=64):
+    """Deepest DenseNet-BC (k=12, batch 64) whose training step fits; depth = 6 n + 4."""
+    fits = lambda n: _fits(impl, bc_config(6 * n + 4, 12, batch_size), device_name, batch_size)  # noqa: E731
+    layers = _largest(fits, 16, 4096)
+    return None if layers is None else 6 * layers + 4
+
+
+def device_description(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def device_slug(device):
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
+    return "cuda-" + "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
+def measure_config(config, device, impls, repeats, time_it, amp_modes):
+    """Rows of figures for one configuration: saved bytes, peak memory, step times."""
+    models = {impl: build(impl, config) for impl in impls}
+    counts = {impl: sum(p.numel() for p in m.parameters()) for impl, m in models.items()}
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"{config['name']}: parameter counts differ: {counts}")
+    rows = []
+    for amp in amp_modes:
+        autocast_dtype = torch.bfloat16 if amp else None
+        inputs, targets = batch(config, device)
+        for model in models.values():
+            model.to(device).train()
+        figures = {impl: {} for impl in impls}
+        for impl, model in models.items():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                figures[impl]["saved_mb"] = saved_tensor_bytes(model, inputs) / 2**20
+        if time_it:
+            times = time_training_steps(models, inputs, targets, repeats=repeats,
+                                        warmup=2 if device.type == "cuda" else 1,
+                                        autocast_dtype=autocast_dtype)
+            for impl, t in times.items():
+                figures[impl].update(forward_ms=1e3 * t["forward"],
+                                     backward_ms=1e3 * t["backward"], step_ms=1e3 * t["step"])
+        if device.type == "cuda":
+            for impl in impls:
+                figures[impl]["peak_mb"] = _run_in_fresh_process(
+                    _peak_worker, impl, config, str(device), amp)
+        for impl in impls:
+            rows.append(dict(device=device_description(device), config=config["name"],
+                             depth=config["depth"], growth_rate=config["growth_rate"],
+                             image_size=config["image_size"], batch_size=config["batch_size"],
+                             impl=impl, amp="bf16" if amp else "off", params=counts[impl],
+                             **figures[impl]))
+        print_rows(rows[-len(impls):])
+    return rows
+
+
+def print_rows(rows):
+    for row in rows:
+        parts = [f"{row['config']:>16} {row['impl']:>15} amp={row['amp']:<4}",
+                 f"saved {row['saved_mb']:9.1f} MB"]
+        if row.get("peak_mb") is not None:
+            parts.append(f"peak {row['peak_mb']:9.1f} MB")
+        if row.get("step_ms") is not None:
+            parts.append(f"step {row['step_ms']:9.1f} ms")
+        print("  ".join(parts), flush=True)
+
+
+def fmt(value, digits=1):
+    return "" if value is None or value == "" else f"{value:.{digits}f}"
+
+
+def markdown_table(rows, device_text, extra_lines):
+    """One table: each configuration and AMP mode, the figures of every implementation."""
+    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward; peak = peak CUDA "
+             "memory of a full training step; step = median forward + backward time.", ""]
+    lines.append("| config | batch | amp | implementation | saved MB | peak MB | step ms | "
+                 "saved vs torchvision m.e. | step vs naive |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    keyed = {(r["config"], r["amp"], r["impl"]): r for r in rows}
+    for row in rows:
+        reference = keyed.get((row["config"], row["amp"], "torchvision_me"))
+        naive = keyed.get((row["config"], row["amp"], "naive"))
+        saved_ratio = row["saved_mb"] / reference["saved_mb"] if reference else None
+        step_ratio = (row["step_ms"] / naive["step_ms"]
+                      if naive and row.get("step_ms") and naive.get("step_ms") else None)
+        lines.append(f"| {row['config']} | {row['batch_size']} | {row['amp']} | "
+                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} | "
+                     f"{fmt(row.get('peak_mb'))} | {fmt(row.get('step_ms'))} | "
+                     f"{fmt(saved_ratio, 2)} | {fmt(step_ratio, 2)} |")
+    return "\n".join(lines + [""] + extra_lines) + "\n"
+
+
+def plot(rows, path, device_text):
+    """Memory and step time against depth for the k=12 DenseNet-BC series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [r for r in rows if r["growth_rate"] == 12 and r["config"].startswith("BC-")
+              and r["amp"] == "off"]
+    memory_key = "peak_mb" if any(r.get("peak_mb") for r in series) else "saved_mb"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in IMPLEMENTATIONS:
+        points = sorted((r["depth"], r.get(memory_key), r.get("step_ms")) for r in series
+                        if r["impl"] == impl)
+        memory = [(d, m) for d, m, _ in points if m]
+        steps = [(d, s) for d, _, s in points if s]
+        if memory:
+            axes[0].plot(*zip(*memory), marker="o", label=LABELS[impl])
+        if steps:
+            axes[1].plot(*zip(*steps), marker="o", label=LABELS[impl])
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("peak training memory (MiB)" if memory_key == "peak_mb"
+                       else "saved for backward (MiB)")
+    axes[1].set_ylabel("forward + backward (ms)")
+    for ax in axes:
+        ax.set_xlabel("depth (DenseNet-BC, k=12, batch 64, 32x32)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"DenseNet memory and speed on {device_text}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(quick=False, device="auto", out="results", repeats=None, amp=None,
+         time_max_depth=None, cpu_max_gb=12.0, search=None):
+    """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
+
+    Args:
+        quick: a small run (saved bytes at BC-40 and BC-100, times at BC-40, batch 32) that
+            finishes within a minute on a CPU.
+        device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
+        out: folder for benchmark-<device>.csv/.md/.png.
+        repeats: timed repetitions per implementation (median reported); default 3 on CPU,
+            10 on CUDA, 2 with quick.
+        amp: also measure under bf16 autocast; default True on CUDA, False on CPU.
+        time_max_depth: time only configurations up to this depth; default 100 on CPU (deeper
+            steps take minutes there), 40 with quick, unlimited on CUDA.
+        cpu_max_gb: on CPU, skip configurations whose naive model would save more than this.
+        search: on CUDA, find the largest batch (BC-100) and deepest network (batch 64) per
+            implementation by bisection; default True on CUDA without quick.
+    """
+    for name, value in [("quick", quick)]:
+        if not isinstance(value, bool):
+            raise SystemExit(f"error: --{name} must be True or False, got {value!r}")
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    on_cuda = device.type == "cuda"
+    repeats = repeats or (2 if quick else 10 if on_cuda else 3)
+    amp_modes = [False, True] if (on_cuda if amp is None else amp) else [False]
+    time_max_depth = time_max_depth or (40 if quick else 10**6 if on_cuda else 100)
+    search = (on_cuda and not quick) if search is None else search
+    configs = quick_configs() if quick else default_configs()
+    torch.backends.cudnn.benchmark = True
+
+    started = time.time()
+    description = device_description(device)
+    print(f"Benchmark on {description}; torch {torch.__version__}", flush=True)
+    rows = []
+    for config in configs:
+        if not on_cuda and estimated_naive_bytes(config) > cpu_max_gb * 2**30:
+            print(f"{config['name']}: skipped on CPU (naive needs more than {cpu_max_gb} GB; "
+                  "see --cpu_max_gb)", flush=True)
+            continue
+        rows += measure_config(config, device, IMPLEMENTATIONS, repeats,
+                               config["depth"] <= time_max_depth, amp_modes)
+
+    extra = []
+    if search:
+        extra.append("| implementation | largest batch, BC-100 k=12 | deepest BC k=12, batch 64 |")
+        extra.append("|---|---|---|")
+        for impl in IMPLEMENTATIONS:
+            largest = largest_batch(impl, str(device))
+            deepest = deepest_network(impl, str(device))
+            print(f"{impl}: largest batch {largest}, deepest {deepest}", flush=True)
+            extra.append(f"| {LABELS[impl]} | {largest} | {deepest} |")
+    command = "python benchmark.py " + " ".join(sys.argv[1:])
+    extra.append(f"Command: `{command.strip()}`; torch {torch.__version__}; "
+                 f"{time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s.")
+
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"benchmark-{device_slug(device)}" + ("-quick" if quick else ""))
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v)
+                             for k, v in row.items() if k in CSV_COLUMNS})
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_table(rows, description, extra))
+    plot(rows, stem + ".png", description)
+    print(f"wrote {stem}.csv, .md, .png")
+    return None
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
