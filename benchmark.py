@@ -90,7 +90,7 @@ def estimated_naive_bytes(config):
         size //= 4
     k, width = config["growth_rate"], (config["bn_size"] or 0) * config["growth_rate"]
     channels, total = config["num_init_features"], 0
-    for i, layers in enumerate(config["block_config"]):
+    for layers in config["block_config"]:
         for j in range(layers):
             c = channels + j * k
             total += (2 * c + 2 * width) * n * size * size * 4
@@ -270,9 +270,9 @@ def plot(rows, path, device_text):
         memory = [(d, m) for d, m, _ in points if m]
         steps = [(d, s) for d, _, s in points if s]
         if memory:
-            axes[0].plot(*zip(*memory), marker="o", label=LABELS[impl])
+            axes[0].plot(*zip(*memory, strict=True), marker="o", label=LABELS[impl])
         if steps:
-            axes[1].plot(*zip(*steps), marker="o", label=LABELS[impl])
+            axes[1].plot(*zip(*steps, strict=True), marker="o", label=LABELS[impl])
     axes[0].set_yscale("log")
     axes[0].set_ylabel("peak training memory (MiB)" if memory_key == "peak_mb"
                        else "saved for backward (MiB)")
