@@ -42,6 +42,13 @@ def compute_dtype(x):
     return x.dtype
 
 
+def memory_format(x):
+    """channels_last for NHWC tensors, else the default layout."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -139,7 +146,8 @@ def block_forward(spec, x, params, keep_for_backward):
     dtype = compute_dtype(x)
     sdt = _stat_dtype(dtype)
     c_total = c_in + spec.num_layers * k
-    buf = torch.empty((n, c_total, height, width), dtype=dtype, device=x.device)
+    buf = torch.empty((n, c_total, height, width), dtype=dtype, device=x.device,
+                      memory_format=memory_format(x))
     mean = torch.zeros(c_total, dtype=sdt, device=x.device)
     var = torch.ones(c_total, dtype=sdt, device=x.device)
     z_means, z_vars, saved_z, masks = [], [], [], []
@@ -218,8 +226,11 @@ class DenseBlockFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + spec.eps) if spec.training else None
 
         # G accumulates dL/d(buffer) from every reader of each channel.
-        grad = torch.zeros_like(buf) if grad_buf is None else grad_buf.to(dtype, copy=True)
-        grad = grad.contiguous()
+        grad = torch.empty_like(buf)
+        if grad_buf is None:
+            grad.zero_()
+        else:
+            grad.copy_(grad_buf)
         param_grads = [None] * num_params
 
         def channel_grad(lo, hi):
@@ -237,7 +248,7 @@ class DenseBlockFunction(torch.autograd.Function):
                 g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
             w1 = p[2].to(dtype)
             # One contiguous copy is cheaper than two BatchNorm kernels on a strided slice.
-            inputs = buf[:, :c].contiguous()
+            inputs = buf[:, :c].contiguous(memory_format=memory_format(buf))
             h = _affine_relu(inputs, p[0], p[1])
             if spec.bottleneck:
                 w2 = p[5].to(dtype)

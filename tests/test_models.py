@@ -89,6 +89,14 @@ def test_efficient_matches_naive_float32(kwargs):
     assert_same_step(naive, efficient, torch.randn(4, 3, 16, 12), 1e-4)
 
 
+def test_channels_last():
+    naive, efficient = make_pair(torch.float64, **TINY)
+    naive.to(memory_format=torch.channels_last)
+    efficient.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 12, 10, dtype=torch.float64).to(memory_format=torch.channels_last)
+    assert_same_step(naive, efficient, x, 1e-10)
+
+
 def test_efficient_matches_naive_with_dropout():
     # Same seed, same random draws: the masks agree, and backward must use the forward's mask.
     naive, efficient = make_pair(torch.float64, **dict(TINY, drop_rate=0.3))
