@@ -119,14 +119,27 @@ def _bn_affine(bn, training):
 
 
 @torch.no_grad()
-def _update_running_stats(bn, mean, var, count):
-    """What nn.BatchNorm2d does to its buffers in one training forward, from given statistics."""
-    bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-    channels = bn.running_mean.numel()
-    unbiased = var[:channels] * (count / max(count - 1, 1))
-    bn.running_mean.lerp_(mean[:channels].to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+def _update_running_stats(norms, means, variances, count):
+    """What nn.BatchNorm2d does to its buffers in a training forward, for several BatchNorms at
+    once (one fused update per buffer kind), from given biased batch statistics.
+
+    Each BatchNorm takes the first running_mean.numel() channels of its statistics.
+    """
+    torch._foreach_add_([bn.num_batches_tracked for bn in norms], 1)
+    sizes = [bn.running_mean.numel() for bn in norms]
+    means = [m[:n].to(bn.running_mean.dtype) for bn, m, n in zip(norms, means, sizes, strict=True)]
+    unbiased = torch._foreach_mul([v[:n].to(bn.running_var.dtype) for bn, v, n in
+                                   zip(norms, variances, sizes, strict=True)],
+                                  count / max(count - 1, 1))
+    momenta = [bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+               for bn in norms]
+    if len(set(momenta)) == 1:
+        torch._foreach_lerp_([bn.running_mean for bn in norms], means, momenta[0])
+        torch._foreach_lerp_([bn.running_var for bn in norms], unbiased, momenta[0])
+        return
+    for bn, mean, var, momentum in zip(norms, means, unbiased, momenta, strict=True):
+        bn.running_mean.lerp_(mean, momentum)
+        bn.running_var.lerp_(var, momentum)
 
 
 def _check_positive_int(name, value, allow_zero=False):
@@ -252,15 +265,18 @@ class DenseNet(nn.Module):
                          first.norm1.eps, first.drop_rate, self.recompute_bottleneck)
         params = [t for layer in layers for t in layer.block_params(self.training)]
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
-            buf, mean, var, z_mean, z_var = DenseBlockFunction.apply(spec, x, *params)
+            buf, mean, invstd, z_mean, z_invstd = DenseBlockFunction.apply(spec, x, *params)
         else:
-            buf, (mean, var, z_mean, z_var), _ = block_forward(spec, x, params, False)
+            buf, (mean, invstd, z_mean, z_invstd), _ = block_forward(spec, x, params, False)
+        var = None
         if self.training:
+            # Back from BatchNorm's 1 / sqrt(var + eps) to the variance the buffers track.
+            var, z_var = invstd.pow(-2) - spec.eps, z_invstd.pow(-2) - spec.eps
             count = buf.shape[0] * buf.shape[2] * buf.shape[3]
-            for j, layer in enumerate(layers):
-                _update_running_stats(layer.norm1, mean, var, count)
-                if layer.bottleneck:
-                    _update_running_stats(layer.norm2, z_mean[j], z_var[j], count)
+            norms = [layer.norm1 for layer in layers]
+            _update_running_stats(norms, [mean] * len(norms), [var] * len(norms), count)
+            if first.bottleneck:
+                _update_running_stats([layer.norm2 for layer in layers], z_mean, z_var, count)
         return buf, mean, var
 
     @torch.compiler.disable
@@ -268,6 +284,6 @@ class DenseNet(nn.Module):
         buf, mean, var = stats
         if self.training:
             count = buf.shape[0] * buf.shape[2] * buf.shape[3]
-            _update_running_stats(norm, mean, var, count)
+            _update_running_stats([norm], [mean], [var], count)
         scale, shift = _bn_affine(norm, self.training)
         return ReaderFunction.apply(weight is None, buf, scale, shift, weight)

@@ -57,12 +57,21 @@ def _channel(v):
     return v.view(1, -1, 1, 1)
 
 
-def _identity_stats(scale):
-    return torch.zeros_like(scale), torch.ones_like(scale)
+_IDENTITY = {}  # (device, dtype) -> (zeros, ones), grown as needed: two launches fewer per call
+
+
+def _identity_stats(like):
+    """Zero means and unit variances for ``like.numel()`` channels."""
+    key, n = (like.device, like.dtype), like.numel()
+    zeros, ones = _IDENTITY.get(key, (like.new_empty(0), like.new_empty(0)))
+    if zeros.numel() < n:
+        zeros, ones = like.new_zeros(2 * n), like.new_ones(2 * n)
+        _IDENTITY[key] = zeros, ones
+    return zeros[:n], ones[:n]
 
 
 def _affine_relu(x, scale, shift):
-    """relu(scale * x + shift) per channel, into a new contiguous tensor.
+    """relu(scale * x + shift) per channel, into a new tensor.
 
     BatchNorm's inference kernel with mean 0, variance 1 and eps 0 is exactly this affine map,
     with float32 scale and shift even for half-precision x (one rounding, as nn.BatchNorm2d).
@@ -84,22 +93,16 @@ def _affine_backward(grad_y, x, scale, grad_x=None):
     return g_x, g_scale, g_shift
 
 
-def _batch_norm_train(x, weight, bias, eps, stat_dtype):
-    """Training-mode BatchNorm in one pass: (output, batch mean, batch variance (biased))."""
-    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    mean, invstd = mean.to(stat_dtype), invstd.to(stat_dtype)
-    return out, mean, invstd.pow(-2) - eps
-
-
 def _normalized_grad(grad_xhat, xhat, invstd):
-    """BatchNorm backward through the batch statistics, given dL/d xhat and xhat itself."""
-    dims = (0, 2, 3)
-    g = grad_xhat.to(invstd.dtype)
-    xh = xhat.to(invstd.dtype)
-    mean_g = g.mean(dims)
-    mean_gx = (g * xh).mean(dims)
-    out = (g - _channel(mean_g) - xh * _channel(mean_gx)) * _channel(invstd)
-    return out.to(grad_xhat.dtype)
+    """dL/dx from dL/d(xhat), where xhat = (x - mean) * invstd with x's batch statistics.
+
+    This is BatchNorm's training backward written for xhat: with mean 0 and invstd 1 the kernel
+    computes grad - mean(grad) - xhat * mean(grad * xhat) per channel, and the weight argument
+    supplies the real invstd factor. One fused kernel.
+    """
+    zeros, ones = _identity_stats(invstd)
+    return _aten.native_batch_norm_backward(
+        grad_xhat, xhat, invstd, None, None, zeros, ones, True, 0.0, [True, False, False])[0]
 
 
 class BlockSpec:
@@ -115,14 +118,11 @@ class BlockSpec:
         self.drop_rate = drop_rate if training else 0.0
         self.recompute_bottleneck = recompute_bottleneck
         self.params_per_layer = 6 if bottleneck else 3
-
-
-def _conv1_padding(spec):
-    return 0 if spec.bottleneck else 1
+        self.conv1_padding = 0 if bottleneck else 1
 
 
 def _bottleneck_input(spec, z, z_mean, z_invstd, scale2, shift2):
-    """relu(norm2(z)): batch statistics in training, running statistics folded in eval."""
+    """relu(norm2(z)) recomputed: saved batch statistics (training) or folded running ones."""
     if spec.training:
         scale = scale2 * z_invstd
         return _affine_relu(z, scale, shift2 - z_mean * scale)
@@ -133,9 +133,9 @@ def block_forward(spec, x, params, keep_for_backward):
     """Run a dense block. Returns (buffer, stats, saved).
 
     ``buffer`` holds every channel, normalised by batch statistics in training, raw in eval.
-    ``stats`` is (mean, var, z_mean, z_var): biased batch statistics of the buffer's channels and
-    of each layer's bottleneck output (empty tensors in eval). ``saved`` is what backward needs
-    beyond the buffer: per-layer bottleneck outputs and dropout masks.
+    ``stats`` is (mean, invstd, z_mean, z_invstd): the batch statistics of the buffer's channels
+    and of each layer's bottleneck output, as BatchNorm computes them (empty in eval). ``saved``
+    is what backward needs beyond the buffer: bottleneck outputs and dropout masks.
     """
     n, c_in, height, width = x.shape
     k = spec.growth_rate
@@ -148,14 +148,19 @@ def block_forward(spec, x, params, keep_for_backward):
     c_total = c_in + spec.num_layers * k
     buf = torch.empty((n, c_total, height, width), dtype=dtype, device=x.device,
                       memory_format=memory_format(x))
-    mean = torch.zeros(c_total, dtype=sdt, device=x.device)
-    var = torch.ones(c_total, dtype=sdt, device=x.device)
-    z_means, z_vars, saved_z, masks = [], [], [], []
+    size = c_total if spec.training else 0
+    mean = torch.empty(size, dtype=sdt, device=x.device)
+    invstd = torch.empty(size, dtype=sdt, device=x.device)
+    width2 = params[3].numel() if spec.bottleneck and spec.training else 0
+    z_mean = torch.empty((spec.num_layers, width2), dtype=sdt, device=x.device)
+    z_invstd = torch.empty((spec.num_layers, width2), dtype=sdt, device=x.device)
+    saved_z, masks = [], []
 
     def store(lo, hi, features):
         if spec.training:
-            buf[:, lo:hi], mean[lo:hi], var[lo:hi] = _batch_norm_train(
-                features, None, None, spec.eps, sdt)
+            normalized, mean[lo:hi], invstd[lo:hi] = torch.native_batch_norm(
+                features, None, None, None, None, True, 0.0, spec.eps)
+            buf[:, lo:hi] = normalized
         else:
             buf[:, lo:hi] = features
 
@@ -164,15 +169,14 @@ def block_forward(spec, x, params, keep_for_backward):
         c = c_in + j * k
         p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
         h = _affine_relu(buf[:, :c], p[0], p[1])
-        new = F.conv2d(h, p[2].to(dtype), padding=_conv1_padding(spec))
+        new = F.conv2d(h, p[2].to(dtype), padding=spec.conv1_padding)
         del h
         if spec.bottleneck:
             z = new
             if spec.training:
-                u, z_mean, z_var = _batch_norm_train(z, p[3], p[4], spec.eps, sdt)
+                u, z_mean[j], z_invstd[j] = torch.native_batch_norm(
+                    z, p[3], p[4], None, None, True, 0.0, spec.eps)
                 u = u.relu_()
-                z_means.append(z_mean)
-                z_vars.append(z_var)
             else:
                 u = _bottleneck_input(spec, z, None, None, p[3], p[4])
             if keep_for_backward and not spec.recompute_bottleneck:
@@ -188,34 +192,30 @@ def block_forward(spec, x, params, keep_for_backward):
             if keep_for_backward:
                 masks.append(scaled_mask != 0)
         store(c, c + k, new)
-
-    def stack(values):
-        return torch.stack(values) if values else torch.empty(0, dtype=sdt, device=x.device)
-
-    if not spec.training:
-        mean, var = mean[:0], var[:0]
-    return buf, (mean, var, stack(z_means), stack(z_vars)), (saved_z, masks)
+    return buf, (mean, invstd, z_mean, z_invstd), (saved_z, masks)
 
 
 class DenseBlockFunction(torch.autograd.Function):
-    """A whole dense block as one autograd node; see the module docstring."""
+    """A whole dense block as one autograd node; see the module docstring.
+
+    Returns the buffer and, not differentiable, its statistics (see block_forward).
+    """
 
     @staticmethod
     def forward(ctx, spec, x, *params):
         buf, stats, (saved_z, masks) = block_forward(spec, x, params, keep_for_backward=True)
-        mean, var, z_mean, z_var = stats
         ctx.spec = spec
         ctx.x_dtype = x.dtype
         ctx.num_z = len(saved_z)
-        ctx.save_for_backward(buf, mean, var, z_mean, z_var, *params, *saved_z, *masks)
-        ctx.mark_non_differentiable(mean, var, z_mean, z_var)
-        return buf, mean, var, z_mean, z_var
+        ctx.save_for_backward(buf, *stats, *params, *saved_z, *masks)
+        ctx.mark_non_differentiable(*stats)
+        return (buf, *stats)
 
     @staticmethod
     def backward(ctx, grad_buf, *unused_stat_grads):
         spec = ctx.spec
         saved = ctx.saved_tensors
-        buf, mean, var, z_mean_all, z_var_all = saved[:5]
+        buf, _, invstd, z_mean_all, z_invstd_all = saved[:5]
         num_params = spec.num_layers * spec.params_per_layer
         params = saved[5:5 + num_params]
         saved_z = saved[5 + num_params:5 + num_params + ctx.num_z]
@@ -223,9 +223,8 @@ class DenseBlockFunction(torch.autograd.Function):
         dtype = buf.dtype
         k = spec.growth_rate
         c_in = buf.shape[1] - spec.num_layers * k
-        invstd = torch.rsqrt(var + spec.eps) if spec.training else None
 
-        # G accumulates dL/d(buffer) from every reader of each channel.
+        # Accumulates dL/d(buffer) from every reader of each channel.
         grad = torch.empty_like(buf)
         if grad_buf is None:
             grad.zero_()
@@ -234,12 +233,11 @@ class DenseBlockFunction(torch.autograd.Function):
         param_grads = [None] * num_params
 
         def channel_grad(lo, hi):
-            g = grad[:, lo:hi]
+            """dL/d(features) for channels whose readers are all done."""
             if spec.training:
-                return _normalized_grad(g, buf[:, lo:hi], invstd[lo:hi])
-            return g
+                return _normalized_grad(grad[:, lo:hi], buf[:, lo:hi], invstd[lo:hi])
+            return grad[:, lo:hi]
 
-        pad1 = _conv1_padding(spec)
         for j in reversed(range(spec.num_layers)):
             c = c_in + j * k
             p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
@@ -251,16 +249,12 @@ class DenseBlockFunction(torch.autograd.Function):
             inputs = buf[:, :c].contiguous(memory_format=memory_format(buf))
             h = _affine_relu(inputs, p[0], p[1])
             if spec.bottleneck:
-                w2 = p[5].to(dtype)
                 z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
-                if spec.training:
-                    z_mean = z_mean_all[j]
-                    z_invstd = torch.rsqrt(z_var_all[j] + spec.eps)
-                    u = _bottleneck_input(spec, z, z_mean, z_invstd, p[3], p[4])
-                else:
-                    u = _bottleneck_input(spec, z, None, None, p[3], p[4])
+                z_mean = z_mean_all[j] if spec.training else None
+                z_invstd = z_invstd_all[j] if spec.training else None
+                u = _bottleneck_input(spec, z, z_mean, z_invstd, p[3], p[4])
                 g_u, g_w2, _ = _aten.convolution_backward(
-                    g_new, u, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                    g_new, u, p[5].to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                     [True, True, False])
                 g_u = _aten.threshold_backward(g_u, u, 0)
                 del u
@@ -278,8 +272,9 @@ class DenseBlockFunction(torch.autograd.Function):
                 g_out = g_z
             else:
                 g_out = g_new
+            pad = spec.conv1_padding
             g_h, g_w1, _ = _aten.convolution_backward(
-                g_out, h, w1, None, [1, 1], [pad1, pad1], [1, 1], False, [0, 0], 1,
+                g_out, h, w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
                 [True, True, False])
             g_h = _aten.threshold_backward(g_h, h, 0)
             del h, g_out

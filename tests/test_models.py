@@ -89,6 +89,20 @@ def test_efficient_matches_naive_float32(kwargs):
     assert_same_step(naive, efficient, torch.randn(4, 3, 16, 12), 1e-4)
 
 
+def test_cumulative_moving_average_momentum_none():
+    naive, efficient = make_pair(torch.float64, **TINY)
+    for model in (naive, efficient):
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum = None
+    for _ in range(3):
+        x = torch.randn(3, 3, 9, 9, dtype=torch.float64)
+        naive(x)
+        efficient(x)
+    for (name, a), b in zip(naive.named_buffers(), efficient.buffers(), strict=True):
+        assert rel_err(b, a) < 1e-10, name
+
+
 def test_channels_last():
     naive, efficient = make_pair(torch.float64, **TINY)
     naive.to(memory_format=torch.channels_last)
