@@ -9,6 +9,7 @@ import numbers
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -142,6 +143,20 @@ def _update_running_stats(norms, means, variances, count):
         bn.running_var.lerp_(var, momentum)
 
 
+def _sync_group(norm):
+    """The process group a SyncBatchNorm synchronises over in training, None if it does not."""
+    if not (isinstance(norm, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return None
+    group = norm.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _values_per_channel(buf, group):
+    """Values behind each channel's batch statistics; every process has the same batch size."""
+    count = buf.shape[0] * buf.shape[2] * buf.shape[3]
+    return count * (dist.get_world_size(group) if group is not None else 1)
+
+
 def _check_positive_int(name, value, allow_zero=False):
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) \
         and (value >= 0 if allow_zero else value >= 1)
@@ -245,7 +260,7 @@ class DenseNet(nn.Module):
 
     def _efficient_features(self, x):
         """Pooled features computed block by block through the shared-buffer Functions."""
-        stats = None  # (buffer, mean, var) of the last dense block
+        stats = None  # (buffer, mean, var, process group) of the last dense block
         for name, module in self.features.named_children():
             if isinstance(module, _DenseBlock):
                 stats = self._run_block(module, x)
@@ -261,8 +276,9 @@ class DenseNet(nn.Module):
     def _run_block(self, block, x):
         layers = list(block.values())
         first = layers[0]
+        group = _sync_group(first.norm1) if self.training else None
         spec = BlockSpec(len(layers), block.growth_rate, first.bottleneck, self.training,
-                         first.norm1.eps, first.drop_rate, self.recompute_bottleneck)
+                         first.norm1.eps, first.drop_rate, self.recompute_bottleneck, group)
         params = [t for layer in layers for t in layer.block_params(self.training)]
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
             buf, mean, invstd, z_mean, z_invstd = DenseBlockFunction.apply(spec, x, *params)
@@ -272,18 +288,17 @@ class DenseNet(nn.Module):
         if self.training:
             # Back from BatchNorm's 1 / sqrt(var + eps) to the variance the buffers track.
             var, z_var = invstd.pow(-2) - spec.eps, z_invstd.pow(-2) - spec.eps
-            count = buf.shape[0] * buf.shape[2] * buf.shape[3]
+            count = _values_per_channel(buf, group)
             norms = [layer.norm1 for layer in layers]
             _update_running_stats(norms, [mean] * len(norms), [var] * len(norms), count)
             if first.bottleneck:
                 _update_running_stats([layer.norm2 for layer in layers], z_mean, z_var, count)
-        return buf, mean, var
+        return buf, mean, var, group
 
     @torch.compiler.disable
     def _read_buffer(self, norm, stats, weight):
-        buf, mean, var = stats
+        buf, mean, var, group = stats
         if self.training:
-            count = buf.shape[0] * buf.shape[2] * buf.shape[3]
-            _update_running_stats([norm], [mean], [var], count)
+            _update_running_stats([norm], [mean], [var], _values_per_channel(buf, group))
         scale, shift = _bn_affine(norm, self.training)
         return ReaderFunction.apply(weight is None, buf, scale, shift, weight)

@@ -30,6 +30,7 @@ stored either.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 _aten = torch.ops.aten
@@ -93,23 +94,48 @@ def _affine_backward(grad_y, x, scale, grad_x=None):
     return g_x, g_scale, g_shift
 
 
-def _normalized_grad(grad_xhat, xhat, invstd):
+def _normalized_grad(grad_xhat, xhat, invstd, group=None):
     """dL/dx from dL/d(xhat), where xhat = (x - mean) * invstd with x's batch statistics.
 
     This is BatchNorm's training backward written for xhat: with mean 0 and invstd 1 the kernel
     computes grad - mean(grad) - xhat * mean(grad * xhat) per channel, and the weight argument
-    supplies the real invstd factor. One fused kernel.
+    supplies the real invstd factor. One fused kernel. With a process ``group`` (SyncBatchNorm)
+    the two means are taken over every process's batch.
     """
-    zeros, ones = _identity_stats(invstd)
-    return _aten.native_batch_norm_backward(
-        grad_xhat, xhat, invstd, None, None, zeros, ones, True, 0.0, [True, False, False])[0]
+    if group is None:
+        zeros, ones = _identity_stats(invstd)
+        return _aten.native_batch_norm_backward(
+            grad_xhat, xhat, invstd, None, None, zeros, ones, True, 0.0, [True, False, False])[0]
+    g, xh = grad_xhat.to(invstd.dtype), xhat.to(invstd.dtype)
+    sums = torch.stack([g.sum((0, 2, 3)), (g * xh).sum((0, 2, 3))])
+    dist.all_reduce(sums, group=group)
+    mean_g, mean_gx = sums / (g.numel() // g.shape[1] * dist.get_world_size(group))
+    out = (g - _channel(mean_g) - xh * _channel(mean_gx)) * _channel(invstd)
+    return out.to(grad_xhat.dtype)
+
+
+def _batch_norm_train(x, weight, bias, eps, group=None):
+    """Training BatchNorm: (output, batch mean, batch invstd), over ``group``'s processes if any."""
+    if group is None:
+        return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    # Two reductions (mean, then squared deviations) are slower but stabler than sum/sum-of-squares.
+    count = x.numel() // x.shape[1] * dist.get_world_size(group)
+    xf = x.to(_stat_dtype(x.dtype))
+    mean = xf.sum((0, 2, 3))
+    dist.all_reduce(mean, group=group)
+    mean /= count
+    var = (xf - _channel(mean)).square_().sum((0, 2, 3))
+    dist.all_reduce(var, group=group)
+    var /= count
+    out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return out, mean, torch.rsqrt(var + eps)
 
 
 class BlockSpec:
     """Static description of one dense block's computation (no tensors)."""
 
     def __init__(self, num_layers, growth_rate, bottleneck, training, eps, drop_rate,
-                 recompute_bottleneck):
+                 recompute_bottleneck, group=None):
         self.num_layers = num_layers
         self.growth_rate = growth_rate
         self.bottleneck = bottleneck
@@ -119,6 +145,7 @@ class BlockSpec:
         self.recompute_bottleneck = recompute_bottleneck
         self.params_per_layer = 6 if bottleneck else 3
         self.conv1_padding = 0 if bottleneck else 1
+        self.group = group  # process group whose batches share statistics (SyncBatchNorm)
 
 
 def _bottleneck_input(spec, z, z_mean, z_invstd, scale2, shift2):
@@ -158,8 +185,8 @@ def block_forward(spec, x, params, keep_for_backward):
 
     def store(lo, hi, features):
         if spec.training:
-            normalized, mean[lo:hi], invstd[lo:hi] = torch.native_batch_norm(
-                features, None, None, None, None, True, 0.0, spec.eps)
+            normalized, mean[lo:hi], invstd[lo:hi] = _batch_norm_train(
+                features, None, None, spec.eps, spec.group)
             buf[:, lo:hi] = normalized
         else:
             buf[:, lo:hi] = features
@@ -174,8 +201,8 @@ def block_forward(spec, x, params, keep_for_backward):
         if spec.bottleneck:
             z = new
             if spec.training:
-                u, z_mean[j], z_invstd[j] = torch.native_batch_norm(
-                    z, p[3], p[4], None, None, True, 0.0, spec.eps)
+                u, z_mean[j], z_invstd[j] = _batch_norm_train(
+                    z, p[3], p[4], spec.eps, spec.group)
                 u = u.relu_()
             else:
                 u = _bottleneck_input(spec, z, None, None, p[3], p[4])
@@ -235,7 +262,7 @@ class DenseBlockFunction(torch.autograd.Function):
         def channel_grad(lo, hi):
             """dL/d(features) for channels whose readers are all done."""
             if spec.training:
-                return _normalized_grad(grad[:, lo:hi], buf[:, lo:hi], invstd[lo:hi])
+                return _normalized_grad(grad[:, lo:hi], buf[:, lo:hi], invstd[lo:hi], spec.group)
             return grad[:, lo:hi]
 
         for j in reversed(range(spec.num_layers)):
@@ -258,7 +285,13 @@ class DenseBlockFunction(torch.autograd.Function):
                     [True, True, False])
                 g_u = _aten.threshold_backward(g_u, u, 0)
                 del u
-                if spec.training:
+                if spec.training and spec.group is not None:
+                    z_hat = (z - _channel(z_mean)) * _channel(z_invstd)
+                    _, g_scale2, g_shift2 = _affine_backward(g_u, z_hat, p[3])
+                    g_z = _normalized_grad(g_u * _channel(p[3]), z_hat, z_invstd, spec.group)
+                    g_z = g_z.to(dtype)
+                    del z_hat
+                elif spec.training:
                     # Mixed precision is fine here: statistics and gamma stay in float32.
                     g_z, g_scale2, g_shift2 = _aten.native_batch_norm_backward(
                         g_u, z, p[3], None, None, z_mean, z_invstd, True, spec.eps,
