@@ -270,13 +270,11 @@ def test_help_lists_every_flag():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(depth=99), "nearest valid depths: 94, 100"),
-    (dict(depth="abc"), "--depth must be an integer"),
     (dict(dataset="imagenet"), "unknown --dataset 'imagenet'"),
     (dict(bc="yes"), "--bc must be True or False, got 'yes'"),
     (dict(lr="abc"), "--lr must be a positive number"),
     (dict(batch_size=0), "--batch_size must be an integer >= 1"),
     (dict(n_epochs=-2), "--n_epochs must be an integer >= 1"),
-    (dict(milestones="3,2"), "--milestones"),
     (dict(typo_flag=1), "unknown flag --typo_flag"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, overrides, message):
@@ -366,6 +364,21 @@ def test_resume_refuses_another_architecture_and_leaves_the_run(fake_run, tmp_pa
     assert snapshot(save) == before
 
 
+def test_resume_drops_csv_rows_past_the_checkpoint_and_trains_on(fake_run, tmp_path):
+    save = copy_of(fake_run, tmp_path)
+    rows = read_rows(save)
+    with open(save / "results.csv", "a") as file:
+        file.write("3,9.9")  # a kill in the middle of appending epoch 3's row
+    result = run_demo([*tiny_args(save, drop_rate=0.1, n_epochs=3, milestones=1),
+                       "--resume", "True"])
+    assert_ok(result)
+    assert "resuming" in result.stdout
+    resumed = read_rows(save)
+    assert [row["epoch"] for row in resumed] == ["1", "2", "3"]
+    assert resumed[:2] == rows and resumed[2]["train_loss"] != "9.9"
+    assert load(save / "checkpoint.pt")["epoch"] == 3
+
+
 def test_a_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     save = tmp_path / "run"
     # Epoch 1 trains at lr 0.1; the milestone then multiplies it by 1e20.
@@ -406,7 +419,8 @@ def test_resolve_args_fills_defaults_and_accepts_what_fire_passes():
 @pytest.mark.parametrize("overrides", [
     dict(efficient="yes"), dict(augment=1), dict(lr=float("inf")), dict(lr=0), dict(lr=True),
     dict(momentum=1.0), dict(wd=-1e-4), dict(gamma=0), dict(compression=1.5),
-    dict(drop_rate=1.0), dict(valid_size=-1), dict(milestones=(0, 5)), dict(milestones="x"),
+    dict(drop_rate=1.0), dict(valid_size=-1), dict(milestones=(0, 5)), dict(milestones=(3, 2)),
+    dict(milestones="x"), dict(depth="abc"),
     dict(seed=2**32), dict(seed=1.5), dict(amp="fp32"), dict(fake_size=(5,)), dict(save=None),
     dict(data=None), dict(growth_rate=0), dict(depth=100.0), dict(svhn_extra=True),
     dict(resume=True, evaluate=True), dict(sync_bn=True),
