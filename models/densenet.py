@@ -4,6 +4,7 @@
 ``models.efficient``; the state_dict is identical in both modes.
 """
 
+import functools
 import math
 import numbers
 from collections import OrderedDict
@@ -143,6 +144,26 @@ def _update_running_stats(norms, means, variances, count):
         bn.running_var.lerp_(var, momentum)
 
 
+def _outside_compile(method):
+    """Run ``method`` eagerly under torch.compile (a graph break around the custom Functions).
+
+    torch.compiler.disable is applied on first use: as a decorator it would import the compiler
+    stack, seconds of start-up, in every program that imports the model.
+    """
+    disabled = None
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if not torch.compiler.is_compiling():
+            return method(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(method)
+        return disabled(*args, **kwargs)
+
+    return wrapper
+
+
 def _sync_group(norm):
     """The process group a SyncBatchNorm synchronises over in training, None if it does not."""
     if not (isinstance(norm, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
@@ -272,7 +293,7 @@ class DenseNet(nn.Module):
                 x = module(x)
         raise RuntimeError("features must end with norm5")
 
-    @torch.compiler.disable
+    @_outside_compile
     def _run_block(self, block, x):
         layers = list(block.values())
         first = layers[0]
@@ -295,7 +316,7 @@ class DenseNet(nn.Module):
                 _update_running_stats([layer.norm2 for layer in layers], z_mean, z_var, count)
         return buf, mean, var, group
 
-    @torch.compiler.disable
+    @_outside_compile
     def _read_buffer(self, norm, stats, weight):
         buf, mean, var, group = stats
         if self.training:
