@@ -120,6 +120,16 @@ def _peak_worker(impl, config, device_name, amp, batch_size=None):
         return None
 
 
+def _saved_worker(impl, config, device_name, amp):
+    """MiB saved for backward by one forward of a fresh model."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = build(impl, config).to(device)
+    inputs, _ = batch(config, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return saved_tensor_bytes(model, inputs) / 2**20
+
+
 def _fits(impl, config, device_name, batch_size):
     return _run_in_fresh_process(_peak_worker, impl, config, device_name, False,
                                  batch_size) is not None
@@ -180,8 +190,12 @@ def device_slug(device):
     return "cuda-" + "-".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
-def measure_config(config, device, impls, repeats, time_it, amp_modes):
-    """Rows of figures for one configuration: saved bytes, peak memory, step times."""
+def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
+    """Rows of figures for one configuration: saved bytes, peak memory, step times.
+
+    With ``fresh``, each saved-bytes measurement runs in a new process: on a CPU the memory
+    a large forward leaves to the allocator would otherwise add up across implementations.
+    """
     models = {impl: build(impl, config) for impl in impls}
     counts = {impl: sum(p.numel() for p in m.parameters()) for impl, m in models.items()}
     if len(set(counts.values())) != 1:
@@ -194,6 +208,10 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes):
             model.to(device).train()
         figures = {impl: {} for impl in impls}
         for impl, model in models.items():
+            if fresh:
+                figures[impl]["saved_mb"] = _run_in_fresh_process(
+                    _saved_worker, impl, config, str(device), amp)
+                continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 figures[impl]["saved_mb"] = saved_tensor_bytes(model, inputs) / 2**20
         if time_it:
@@ -288,7 +306,7 @@ def plot(rows, path, device_text):
 
 
 def main(quick=False, device="auto", out="results", repeats=None, amp=None,
-         time_max_depth=None, cpu_max_gb=12.0, search=None):
+         time_max_depth=None, cpu_max_gb=8.0, search=None):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Args:
@@ -301,7 +319,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
         amp: also measure under bf16 autocast; default True on CUDA, False on CPU.
         time_max_depth: time only configurations up to this depth; default 100 on CPU (deeper
             steps take minutes there), 40 with quick, unlimited on CUDA.
-        cpu_max_gb: on CPU, skip configurations whose naive model would save more than this.
+        cpu_max_gb: on CPU, skip configurations whose naive model would save more than this
+            (a forward takes about twice that).
         search: on CUDA, find the largest batch (BC-100) and deepest network (batch 64) per
             implementation by bisection; default True on CUDA without quick.
     """
@@ -328,7 +347,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
                   "see --cpu_max_gb)", flush=True)
             continue
         rows += measure_config(config, device, IMPLEMENTATIONS, repeats,
-                               config["depth"] <= time_max_depth, amp_modes)
+                               config["depth"] <= time_max_depth, amp_modes,
+                               fresh=not on_cuda and not quick)
 
     extra = []
     if search:
