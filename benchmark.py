@@ -8,6 +8,7 @@ Writes results/benchmark-<device>.csv, .md and .png plots (see --out).
 
 import concurrent.futures
 import csv
+import gc
 import math
 import multiprocessing
 import os
@@ -83,6 +84,11 @@ def batch(config, device, batch_size=None):
     return inputs, targets
 
 
+# Saved memory relative to the naive model, rounded up from BC-190's figures: for skipping on CPU.
+MEMORY_FACTOR = {"naive": 1.0, "torchvision": 1.0, "torchvision_me": 0.4, "efficient": 0.2,
+                 "recompute": 0.1}
+
+
 def estimated_naive_bytes(config):
     """Rough bytes the naive model saves for backward: a guard against exhausting CPU memory."""
     n, size = config["batch_size"], config["image_size"]
@@ -100,10 +106,16 @@ def estimated_naive_bytes(config):
 
 
 def _run_in_fresh_process(function, *args):
-    """Call function(*args) in a new interpreter, so allocator caches cannot leak between runs."""
+    """function(*args) in a new interpreter, so allocator caches cannot leak between runs.
+
+    None when that process dies (on a CPU: killed for lack of memory).
+    """
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, *args).result()
+        try:
+            return pool.submit(function, *args).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return None
 
 
 def _peak_worker(impl, config, device_name, amp, batch_size=None):
@@ -131,23 +143,26 @@ def _saved_worker(impl, config, device_name, amp):
 
 
 def _fits(impl, config, device_name, batch_size):
-    return _run_in_fresh_process(_peak_worker, impl, config, device_name, False,
-                                 batch_size) is not None
+    """Whether one training step fits in the device's memory (run in the calling process)."""
+    try:
+        return _peak_worker(impl, config, device_name, False, batch_size) is not None
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _largest(fits, low, limit):
-    """The largest value in [low, limit] for which fits() holds, by doubling then bisection."""
+    """The largest value in [low, limit] for which fits() holds (within 1/64), assuming fits()
+    holds below some threshold and fails above it: doubling, then bisection. None if not low."""
     if not fits(low):
         return None
-    high = low
-    while high < limit:
-        candidate = min(high * 2, limit)
-        if not fits(candidate):
+    while low < limit:
+        high = min(low * 2, limit)
+        if not fits(high):
             break
-        low = high = candidate
+        low = high
     else:
-        return high
-    high = candidate
+        return low
     while high - low > max(1, low // 64):
         middle = (low + high) // 2
         if fits(middle):
@@ -157,17 +172,12 @@ def _largest(fits, low, limit):
     return low
 
 
-def largest_batch(impl, device_name, depth=100):
-    """Largest batch of BC-depth k=12 at 32x32 whose training step fits (within 1/64)."""
-    config = bc_config(depth, 12)
-    return _largest(lambda b: _fits(impl, config, device_name, b), 64, 2**16)
-
-
-def deepest_network(impl, device_name, batch_size=64):
-    """Deepest DenseNet-BC (k=12, batch 64) whose training step fits; depth = 6 n + 4."""
-    fits = lambda n: _fits(impl, bc_config(6 * n + 4, 12, batch_size), device_name, batch_size)  # noqa: E731
-    layers = _largest(fits, 16, 4096)
-    return None if layers is None else 6 * layers + 4
+def _search_worker(impl, device_name):
+    """(largest batch of BC-100 k=12, deepest BC k=12 at batch 64) that train on the device."""
+    config = bc_config(100, 12)
+    largest = _largest(lambda b: _fits(impl, config, device_name, b), 64, 2**16)
+    layers = _largest(lambda n: _fits(impl, bc_config(6 * n + 4, 12), device_name, 64), 16, 4096)
+    return largest, None if layers is None else 6 * layers + 4
 
 
 def device_description(device):
@@ -238,9 +248,9 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
 def print_rows(rows):
     for row in rows:
         parts = [f"{row['config']:>16} {row['impl']:>15} amp={row['amp']:<4}",
-                 f"saved {row['saved_mb']:9.1f} MB"]
+                 f"saved {fmt(row['saved_mb']):>9} MiB"]
         if row.get("peak_mb") is not None:
-            parts.append(f"peak {row['peak_mb']:9.1f} MB")
+            parts.append(f"peak {row['peak_mb']:9.1f} MiB")
         if row.get("step_ms") is not None:
             parts.append(f"step {row['step_ms']:9.1f} ms")
         print("  ".join(parts), flush=True)
@@ -252,22 +262,26 @@ def fmt(value, digits=1):
 
 def markdown_table(rows, device_text, extra_lines):
     """One table: each configuration and AMP mode, the figures of every implementation."""
-    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward; peak = peak CUDA "
-             "memory of a full training step; step = median forward + backward time.", ""]
-    lines.append("| config | batch | amp | implementation | saved MB | peak MB | step ms | "
+    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward (MiB); peak = "
+             "peak CUDA memory of a full training step; step = median forward + backward time; "
+             "an empty cell was not measured (or did not fit).", ""]
+    with_peak = any(r.get("peak_mb") is not None for r in rows)
+    peak_column = " peak MiB |" if with_peak else ""
+    lines.append(f"| config | batch | amp | implementation | saved MiB |{peak_column} step ms | "
                  "saved vs torchvision m.e. | step vs naive |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---" * (9 if with_peak else 8) + "|")
     keyed = {(r["config"], r["amp"], r["impl"]): r for r in rows}
     for row in rows:
         reference = keyed.get((row["config"], row["amp"], "torchvision_me"))
         naive = keyed.get((row["config"], row["amp"], "naive"))
-        saved_ratio = row["saved_mb"] / reference["saved_mb"] if reference else None
+        saved_ratio = (row["saved_mb"] / reference["saved_mb"]
+                       if reference and row["saved_mb"] and reference["saved_mb"] else None)
         step_ratio = (row["step_ms"] / naive["step_ms"]
                       if naive and row.get("step_ms") and naive.get("step_ms") else None)
+        peak = f" {fmt(row.get('peak_mb'))} |" if with_peak else ""
         lines.append(f"| {row['config']} | {row['batch_size']} | {row['amp']} | "
-                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} | "
-                     f"{fmt(row.get('peak_mb'))} | {fmt(row.get('step_ms'))} | "
-                     f"{fmt(saved_ratio, 2)} | {fmt(step_ratio, 2)} |")
+                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} |{peak} "
+                     f"{fmt(row.get('step_ms'))} | {fmt(saved_ratio, 2)} | {fmt(step_ratio, 2)} |")
     return "\n".join(lines + [""] + extra_lines) + "\n"
 
 
@@ -287,10 +301,13 @@ def plot(rows, path, device_text):
                         if r["impl"] == impl)
         memory = [(d, m) for d, m, _ in points if m]
         steps = [(d, s) for d, _, s in points if s]
+        style = dict(marker="o", label=LABELS[impl],
+                     linestyle=":" if impl == "naive" else "-",  # naive lies on torchvision
+                     zorder=3 if impl == "naive" else 2)
         if memory:
-            axes[0].plot(*zip(*memory, strict=True), marker="o", label=LABELS[impl])
+            axes[0].plot(*zip(*memory, strict=True), **style)
         if steps:
-            axes[1].plot(*zip(*steps, strict=True), marker="o", label=LABELS[impl])
+            axes[1].plot(*zip(*steps, strict=True), **style)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("peak training memory (MiB)" if memory_key == "peak_mb"
                        else "saved for backward (MiB)")
@@ -298,7 +315,7 @@ def plot(rows, path, device_text):
     for ax in axes:
         ax.set_xlabel("depth (DenseNet-BC, k=12, batch 64, 32x32)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"DenseNet memory and speed on {device_text}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -342,11 +359,15 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     print(f"Benchmark on {description}; torch {torch.__version__}", flush=True)
     rows = []
     for config in configs:
-        if not on_cuda and estimated_naive_bytes(config) > cpu_max_gb * 2**30:
-            print(f"{config['name']}: skipped on CPU (naive needs more than {cpu_max_gb} GB; "
-                  "see --cpu_max_gb)", flush=True)
+        impls = [impl for impl in IMPLEMENTATIONS if on_cuda or
+                 MEMORY_FACTOR[impl] * estimated_naive_bytes(config) <= cpu_max_gb * 2**30]
+        if impls != list(IMPLEMENTATIONS):
+            skipped = ", ".join(sorted(set(IMPLEMENTATIONS) - set(impls)))
+            print(f"{config['name']}: {skipped} skipped on CPU (they would save more than "
+                  f"{cpu_max_gb} GB; see --cpu_max_gb)", flush=True)
+        if not impls:
             continue
-        rows += measure_config(config, device, IMPLEMENTATIONS, repeats,
+        rows += measure_config(config, device, impls, repeats,
                                config["depth"] <= time_max_depth, amp_modes,
                                fresh=not on_cuda and not quick)
 
@@ -355,8 +376,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
         extra.append("| implementation | largest batch, BC-100 k=12 | deepest BC k=12, batch 64 |")
         extra.append("|---|---|---|")
         for impl in IMPLEMENTATIONS:
-            largest = largest_batch(impl, str(device))
-            deepest = deepest_network(impl, str(device))
+            largest, deepest = _run_in_fresh_process(_search_worker, impl, str(device)) \
+                or (None, None)
             print(f"{impl}: largest batch {largest}, deepest {deepest}", flush=True)
             extra.append(f"| {LABELS[impl]} | {largest} | {deepest} |")
     command = "python benchmark.py " + " ".join(sys.argv[1:])

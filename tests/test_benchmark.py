@@ -29,3 +29,20 @@ def test_quick_benchmark_writes_sane_figures(tmp_path):
     table = open(f"{stem}.md").read()
     assert "efficient (this project)" in table and "Command:" in table
     assert open(f"{stem}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_largest_finds_the_threshold_by_doubling_and_bisection():
+    from benchmark import _largest
+
+    for threshold in (64, 65, 100, 1000, 4095, 4096):
+        calls = []
+
+        def fits(n, threshold=threshold, calls=calls):
+            calls.append(n)
+            return n <= threshold
+
+        found = _largest(fits, 64, 4096)
+        assert threshold - max(1, threshold // 64) <= found <= threshold
+        assert len(calls) < 25
+    assert _largest(lambda n: n <= 10, 64, 4096) is None
+    assert _largest(lambda n: True, 16, 4096) == 4096
