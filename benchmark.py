@@ -12,7 +12,6 @@ import gc
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import time
 
@@ -20,7 +19,7 @@ import fire
 import torch
 import torchvision
 
-from measure import peak_training_memory, saved_tensor_bytes, time_training_steps
+from measure import cpu_name, peak_training_memory, saved_tensor_bytes, time_training_steps
 from models import DenseNet, depth_to_config
 
 IMPLEMENTATIONS = ("naive", "efficient", "recompute", "torchvision", "torchvision_me")
@@ -183,14 +182,7 @@ def _search_worker(impl, device_name):
 def device_description(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def device_slug(device):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATASETS, DataError, TensorLoader, load_dataset, split_validation
+from measure import cpu_name
 from models import DenseNet, depth_to_config
 
 CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error", "test_error",
@@ -253,17 +254,6 @@ class Devices:
             count = torch.cuda.device_count() if self.data_parallel else 1
             return f"{count} x {torch.cuda.get_device_name(self.device)}"
         return f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def on_all_ranks(step):

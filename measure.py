@@ -1,8 +1,9 @@
 """Measure what a training step costs: bytes saved for backward, peak CUDA memory, step time.
 
-Pure torch; benchmark.py and the tests build on these functions.
+Pure torch; benchmark.py, demo.py and the tests build on these functions.
 """
 
+import platform
 import statistics
 import time
 
@@ -84,3 +85,15 @@ def peak_training_memory(model, inputs, targets, optimizer=None, autocast_dtype=
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
+
+
+def cpu_name():
+    """The processor's model name, for naming the machine a figure was measured on."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
