@@ -127,8 +127,10 @@ def _peak_worker(impl, config, device_name, amp, batch_size=None):
         peak = peak_training_memory(model, inputs, targets,
                                     autocast_dtype=torch.bfloat16 if amp else None)
         return peak / 2**20
-    except torch.cuda.OutOfMemoryError:
-        return None
+    except RuntimeError as error:  # cuDNN may report a failed allocation in its own words
+        if isinstance(error, torch.cuda.OutOfMemoryError) or "ALLOC_FAILED" in str(error):
+            return None
+        raise
 
 
 def _saved_worker(impl, config, device_name, amp):
