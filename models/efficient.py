@@ -94,6 +94,11 @@ def _affine_backward(grad_y, x, scale, grad_x=None):
     return g_x, g_scale, g_shift
 
 
+def _relu_backward_(grad, out):
+    """ReLU's backward in place: grad where the ReLU output is positive, else 0."""
+    return _aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
 def _normalized_grad(grad_xhat, xhat, invstd, group=None):
     """dL/dx from dL/d(xhat), where xhat = (x - mean) * invstd with x's batch statistics.
 
@@ -272,8 +277,12 @@ class DenseBlockFunction(torch.autograd.Function):
             if spec.drop_rate > 0:
                 g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
             w1 = p[2].to(dtype)
-            # One contiguous copy is cheaper than two BatchNorm kernels on a strided slice.
-            inputs = buf[:, :c].contiguous(memory_format=memory_format(buf))
+            inputs = buf[:, :c]
+            if inputs.device.type == "cpu":
+                # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided
+                # slice; GPU kernels read the slice at full speed, and the copy would add to the
+                # peak memory.
+                inputs = inputs.contiguous(memory_format=memory_format(buf))
             h = _affine_relu(inputs, p[0], p[1])
             if spec.bottleneck:
                 z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
@@ -283,7 +292,7 @@ class DenseBlockFunction(torch.autograd.Function):
                 g_u, g_w2, _ = _aten.convolution_backward(
                     g_new, u, p[5].to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                     [True, True, False])
-                g_u = _aten.threshold_backward(g_u, u, 0)
+                g_u = _relu_backward_(g_u, u)
                 del u
                 if spec.training and spec.group is not None:
                     z_hat = (z - _channel(z_mean)) * _channel(z_invstd)
@@ -309,7 +318,7 @@ class DenseBlockFunction(torch.autograd.Function):
             g_h, g_w1, _ = _aten.convolution_backward(
                 g_out, h, w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
                 [True, True, False])
-            g_h = _aten.threshold_backward(g_h, h, 0)
+            g_h = _relu_backward_(g_h, h)
             del h, g_out
             _, g_scale1, g_shift1 = _affine_backward(g_h, inputs, p[0], grad_x=grad[:, :c])
             del g_h, inputs
@@ -359,6 +368,6 @@ class ReaderFunction(torch.autograd.Function):
             g_h = (g_pooled / area)[:, :, None, None].expand_as(h)
         else:
             g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True, None)
-        g_h = _aten.threshold_backward(g_h, h, 0)
+        g_h = _relu_backward_(g_h.contiguous(memory_format=memory_format(h)), h)
         g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale)
         return None, g_buf, g_scale.to(scale.dtype), g_shift.to(shift.dtype), grad_weight
