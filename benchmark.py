@@ -325,7 +325,7 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
             finishes within a minute on a CPU.
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
         out: folder for benchmark-<device>.csv/.md/.png.
-        repeats: timed repetitions per implementation (median reported); default 3 on CPU,
+        repeats: timed repetitions per implementation (median reported); default 5 on CPU,
             10 on CUDA, 2 with quick.
         amp: also measure under bf16 autocast; default True on CUDA, False on CPU.
         time_max_depth: time only configurations up to this depth; default 100 on CPU (deeper
@@ -341,7 +341,7 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
     on_cuda = device.type == "cuda"
-    repeats = repeats or (2 if quick else 10 if on_cuda else 3)
+    repeats = repeats or (2 if quick else 10 if on_cuda else 5)
     amp_modes = [False, True] if (on_cuda if amp is None else amp) else [False]
     time_max_depth = time_max_depth or (40 if quick else 10**6 if on_cuda else 100)
     search = (on_cuda and not quick) if search is None else search
