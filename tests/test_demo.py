@@ -116,7 +116,7 @@ def test_fake_run_writes_config_csv_checkpoints_and_summary(fake_run):
     assert lines[-1].startswith("final test error")
     # log.txt holds everything that was printed, after a line naming the process.
     logged = (save / "log.txt").read_text().splitlines()
-    assert logged[0].startswith("---- ") and f"PID" in logged[0]
+    assert logged[0].startswith("---- ") and "PID" in logged[0]
     assert logged[1:] == lines
 
     config = json.loads((save / "config.json").read_text())
