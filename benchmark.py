@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 
 import fire
@@ -316,7 +317,7 @@ def plot(rows, path, device_text):
     plt.close(fig)
 
 
-def main(quick=False, device="auto", out="results", repeats=None, amp=None,
+def main(quick=False, device="auto", out=None, repeats=None, amp=None,
          time_max_depth=None, cpu_max_gb=8.0, search=None):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
@@ -324,7 +325,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
         quick: a small run (saved bytes at BC-40 and BC-100, times at BC-40, batch 32) that
             finishes within a minute on a CPU.
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
-        out: folder for benchmark-<device>.csv/.md/.png.
+        out: folder for benchmark-<device>.csv/.md/.png; default results/, or with quick a
+            new temporary folder (quick figures are a check, not results).
         repeats: timed repetitions per implementation (median reported); default 5 on CPU,
             10 on CUDA, 2 with quick.
         amp: also measure under bf16 autocast; default True on CUDA, False on CPU.
@@ -378,6 +380,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     extra.append(f"Command: `{command.strip()}`; torch {torch.__version__}; "
                  f"{time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s.")
 
+    if out is None:
+        out = tempfile.mkdtemp(prefix="benchmark-quick-") if quick else "results"
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"benchmark-{device_slug(device)}" + ("-quick" if quick else ""))
     with open(stem + ".csv", "w", newline="") as f:
