@@ -27,7 +27,8 @@ from training.loop import train
 from training.stop import Stopped
 
 BOOLEAN_ARGS = ("bc", "efficient", "recompute_bottleneck", "augment", "channels_last", "sync_bn",
-                "svhn_extra", "download", "resume", "evaluate", "deterministic")
+                "svhn_extra", "download", "resume", "evaluate", "deterministic", "compile",
+                "cuda_graph")
 AMP_MODES = ("off", "bf16", "fp16")
 
 
@@ -36,7 +37,8 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
          valid_size=5000, n_epochs=300, batch_size=64, lr=0.1, momentum=0.9, wd=1e-4,
          milestones=None, gamma=0.1, seed=None, augment=True, amp="off", channels_last=False,
          sync_bn=False, svhn_extra=False, fake_size=(50000, 10000), download=True,
-         resume=False, evaluate=False, deterministic=False, log_every=30):
+         resume=False, evaluate=False, deterministic=False, compile=False, cuda_graph=False,
+         log_every=30):
     """Train a DenseNet (defaults: the paper's DenseNet-BC, L=100, k=12 on CIFAR-10).
 
     Uses CUDA when available (every visible GPU through DataParallel), else the CPU; under
@@ -83,6 +85,9 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
             set, with the configuration it was trained with.
         deterministic: deterministic GPU kernels, so that a resumed run ends bitwise equal to
             an uninterrupted one on a GPU too (somewhat slower; CPU runs always are).
+        compile: torch.compile the model (forward and backward; SGD is already fused).
+        cuda_graph: capture the whole training step in a CUDA graph and replay it for every
+            batch (one GPU; --amp off or bf16): removes the cost of launching kernels.
         log_every: seconds between progress lines when the output is not a terminal (a job's
             log file); 0 for a line after every step.
     """
@@ -207,6 +212,19 @@ def resolve_args(args):
         raise UsageError("--sync_bn True needs several processes started by torchrun")
     if config["sync_bn"] and not torch.cuda.is_available():  # DDP refuses SyncBatchNorm on CPU
         raise UsageError("--sync_bn True needs CUDA")
+    several_gpus = not is_distributed() and torch.cuda.device_count() > 1
+    if config["cuda_graph"]:
+        if not torch.cuda.is_available():
+            raise UsageError("--cuda_graph True needs a CUDA GPU")
+        if is_distributed() or several_gpus:
+            raise UsageError("--cuda_graph True runs on one GPU: without torchrun, and with "
+                             "CUDA_VISIBLE_DEVICES naming one GPU")
+        if config["amp"] == "fp16":
+            raise UsageError("--cuda_graph True takes --amp off or bf16 (fp16's gradient scaler "
+                             "synchronises with the host in every step)")
+    if config["compile"] and several_gpus:
+        raise UsageError("--compile True does not work through DataParallel: use torchrun, or "
+                         "CUDA_VISIBLE_DEVICES naming one GPU")
     if config["batch_size"] % world_size:
         raise UsageError(f"--batch_size {config['batch_size']} must be divisible by the "
                          f"{world_size} processes")

@@ -7,6 +7,7 @@ from models import DenseNet, depth_to_config
 
 from .devices import on_all_ranks
 from .errors import UsageError
+from .step import graphable_lr
 
 MAX_VALID_FRACTION = 0.2  # a larger validation split leaves too little to train on
 
@@ -79,7 +80,8 @@ def make_loaders(config, dataset, devices, generator):
 def make_optimizer(config, model, device):
     """SGD with Nesterov momentum: fused kernels on CUDA, foreach (few launches) elsewhere."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+    return torch.optim.SGD(model.parameters(), lr=graphable_lr(config, device),
+                           momentum=config["momentum"],
                            nesterov=config["momentum"] > 0, weight_decay=config["wd"], **fast)
 
 

@@ -14,17 +14,17 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data import DataError
 
 from .build import build_model, load_data, make_loaders, make_optimizer, make_scheduler, model_name
 from .checkpoint import restore, save_checkpoint
-from .devices import Devices, any_rank, autocast, broadcast, on_all_ranks, wrap
+from .devices import Devices, any_rank, broadcast, on_all_ranks, wrap
 from .errors import UsageError, one_line
 from .evaluation import evaluate, summarize
 from .log import Log, Progress
 from .run_folder import RunFolder
+from .step import graphable_lr, make_step
 from .stop import Stopped, StopRequest
 
 
@@ -96,8 +96,14 @@ class Run:
         log.print(f"schedule {config['n_epochs']} epochs, SGD lr {config['lr']:g} "
                   f"(x{config['gamma']:g} after epochs {milestones}), seed {config['seed']}")
 
+        if config["cuda_graph"]:  # a restored learning rate comes back as a CPU number
+            for group in self.optimizer.param_groups:
+                group["lr"] = graphable_lr({**config, "lr": float(group["lr"])}, devices.device)
         self.model = wrap(self.raw_model, devices)
+        if config["compile"]:
+            self.model = torch.compile(self.model)
         self.eval_model = self.raw_model if devices.distributed else self.model
+        self.step = make_step(self.model, self.optimizer, self.scaler, config, devices.device)
 
     def write_start_files(self):
         """config.json and results.csv (rank 0), and model_best.pt if a kill beat it."""
@@ -140,7 +146,7 @@ def fit(run):
     if run.epoch == config["n_epochs"] and run.position is None:
         log.print(f"the run already trained its {run.epoch} epochs")
     for epoch in range(run.epoch + 1, config["n_epochs"] + 1):
-        lr = run.optimizer.param_groups[0]["lr"]
+        lr = float(run.optimizer.param_groups[0]["lr"])
         devices.reset_peak_memory()
         title = f"epoch {epoch}/{config['n_epochs']}"
         position = run.position
@@ -216,9 +222,9 @@ def train_epoch(run, title, position, epochs_after):
     requested, the position to continue at: {"step", "data", "loss_sum", "wrong", "count",
     "seconds"}, where "data" is the data generator's state at the epoch's start.
     """
-    config, devices, model = run.config, run.devices, run.model
+    config, devices = run.config, run.devices
     device = devices.device
-    model.train()
+    run.model.train()
     if position is None:
         position = {"step": 0, "data": run.generator.get_state(), "count": 0, "seconds": 0.0,
                     "loss_sum": torch.zeros((), dtype=torch.float64),
@@ -239,14 +245,8 @@ def train_epoch(run, title, position, epochs_after):
                         "seconds": position["seconds"] + time.perf_counter() - start}
             if config["channels_last"]:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with autocast(config["amp"], device):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, targets)
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            loss_sum += loss.detach().double() * len(targets)
+            loss, logits = run.step(inputs, targets)
+            loss_sum += loss.double() * len(targets)
             wrong += (logits.argmax(1) != targets).sum()
             count += len(targets)
             step += 1

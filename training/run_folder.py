@@ -23,8 +23,9 @@ from .lock import LOCK_NAME, RunLock
 CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error", "test_error",
                "test_loss", "lr", "epoch_seconds", "images_per_second", "peak_memory_mb"]
 RUN_FILES = ("config.json", "results.csv", "checkpoint.pt")
-# Arguments that may change on --resume: they do not change what the run computes.
-FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every"}
+# Arguments that may change on --resume: they change how fast, not what, the run computes.
+FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every",
+                  "deterministic", "compile", "cuda_graph"}
 
 
 def check_save_folder(save):
