@@ -75,7 +75,20 @@ def wait_for(condition, process, timeout=60, what="the condition"):
 
 # ---------------------------------------------------------------------------- one writer
 
+def start_up_seconds(tmp_path):
+    """How long two demo.py processes started together take to refuse a bad flag here: the
+    start-up of Python and torch, which comes before anything this project does."""
+    started = time.monotonic()
+    processes = [start(["--depth", "abc", "--save", "unused"], tmp_path / f"bad{i}.txt")
+                 for i in range(2)]
+    assert [process.wait() for process in processes] == [2, 2]
+    return time.monotonic() - started
+
+
 def test_two_processes_on_one_save_only_one_trains(tmp_path):
+    # "At once": within 5 s, or on a machine so busy that start-up alone takes longer, within
+    # 2 s after it (the refusal comes before any data is read).
+    limit = max(5.0, start_up_seconds(tmp_path) + 2.0)
     save = tmp_path / "run"
     args = tiny_args(save, n_epochs=3, fake_size="1024,48", valid_size=64)
     started = time.monotonic()
@@ -90,7 +103,7 @@ def test_two_processes_on_one_save_only_one_trains(tmp_path):
     codes = sorted(code for code, _ in ended.values())
     assert codes == [0, 2], ended
     loser = next(name for name, (code, _) in ended.items() if code == 2)
-    assert ended[loser][1] < 5, f"the refused process took {ended[loser][1]:.1f} s"
+    assert ended[loser][1] < limit, f"the refused process took {ended[loser][1]:.1f} s"
     message = (tmp_path / f"{loser}.txt").read_text().strip().splitlines()
     assert len(message) == 1 and message[0].startswith("error: ")
     assert re.search(r"in use by PID \d+ on host \S+", message[0]), message[0]
