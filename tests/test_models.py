@@ -35,7 +35,8 @@ def training_step(model, x, seed=1):
     x = x.clone().requires_grad_()
     torch.manual_seed(seed)
     logits = model(x)
-    weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)
+    weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype,
+                             device=logits.device).view_as(logits)
     (logits * weights).sum().add(logits.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -314,6 +315,7 @@ def test_data_parallel_wrapper_on_cpu():
     assert rel_err(out[0], ref[0]) < 1e-4
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_efficient_matches_naive_cuda():
     naive, efficient = make_pair(torch.float32, **TINY)
