@@ -1,0 +1,483 @@
+"""CUDA paths of the models (issue 8): every test is marked ``cuda`` and is skipped, with its
+reason, where no CUDA device is available.
+
+    python -m pytest -q -m cuda tests/test_cuda.py     # on a GPU machine (1-2 minutes on one H100)
+
+On the GPU they check that a training step of the efficient model equals the naive one's (float64
+tightly; float32 without TF32, bf16 and fp16 autocast against the float64 result), with and without
+channels_last, with recompute_bottleneck, dropout and plain DenseNet; that 50 training steps of
+DenseNet-BC-40 lower the loss for every implementation, AMP mode and memory format, and that the
+fp16 gradient scaler skips overflowing steps without touching the weights; DataParallel over every
+visible GPU; torch.compile; a whole training step captured in a CUDA graph; and the peak training
+memory of each implementation, each in a fresh process.
+
+Developer switch: with ``DENSENET_CUDA_TESTS_ON_CPU=1`` the tests run on the CPU wherever their
+logic can (to debug them on a machine without a GPU); the ones that need CUDA itself (CUDA graphs,
+DataParallel over GPUs, peak CUDA memory) are skipped with the reason, fp16 training runs are
+skipped (fp16 convolutions take seconds each on a CPU), and the 50-step runs use 8x8 images.
+
+Figures for the acceptance report: with ``DENSENET_GPU_REPORT_DIR`` set, the measuring tests write
+``<dir>/<name>.json``: {"name", "device", "torch", "cuda", "figures"}, where "figures" is
+- peak_memory: {"config", "batch_size", "amp", "peak_mib": {implementation: MiB}, ...ratios};
+- cuda_graph_step: {"config", "batch_size", "eager_ms", "graph_ms", "speedup", ...}.
+The same figures are printed (``-s`` shows them) and attached with ``record_property`` (JUnit XML).
+"""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_models import assert_same_step, make_pair, rel_err, training_step
+
+from benchmark import _peak_worker, _run_in_fresh_process, bc_config, build
+from measure import cpu_name
+from models import DenseNet
+
+if os.environ.get("DENSENET_CUDA_TESTS_ON_CPU") == "1":
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+else:
+    DEVICE = None
+ON_CUDA = DEVICE is not None and DEVICE.type == "cuda"
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE is None, reason="no CUDA device (torch.cuda.is_available() is "
+                       "False); DENSENET_CUDA_TESTS_ON_CPU=1 runs what can run on a CPU"),
+]
+
+
+def needs_cuda(what):
+    return pytest.mark.skipif(not ON_CUDA, reason=f"needs a CUDA device: {what}")
+
+
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SMALL = dict(growth_rate=6, block_config=(3, 3), num_init_features=8, bn_size=2)
+
+
+def autocast(amp):
+    return torch.autocast(DEVICE.type, dtype=AMP[amp] or torch.bfloat16, enabled=amp != "off")
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 convolutions and matmuls in full precision (no TF32) during the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def report(name, figures, record_property):
+    """Print the figures, attach them to the test, and write them for the acceptance report."""
+    record_property(name, json.dumps(figures))
+    print(f"\n{name}: {json.dumps(figures)}")
+    folder = os.environ.get("DENSENET_GPU_REPORT_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        device = torch.cuda.get_device_name(DEVICE) if ON_CUDA else cpu_name()
+        payload = dict(name=name, device=device, torch=torch.__version__, cuda=torch.version.cuda,
+                       figures=figures)
+        with open(os.path.join(folder, f"{name}.json"), "w") as file:
+            json.dump(payload, file, indent=2)
+
+
+def fake_batches(steps, batch_size, size, seed=0):
+    """Random images whose per-channel means depend on the class: a signal learnt in few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    means = 0.3 * torch.randn(10, 3, 1, 1, generator=generator)
+    labels = torch.randint(0, 10, (steps, batch_size), generator=generator)
+    images = means[labels] + torch.randn(steps, batch_size, 3, size, size, generator=generator)
+    return images.to(DEVICE), labels.to(DEVICE)
+
+
+# --- 1. efficient == naive in a training step ------------------------------------------------
+
+def run_step(model, x, amp="off", seed=1):
+    """training_step of test_models.py with the forward under autocast and the backward outside
+    it, as in training; the loss is taken in float32 (float64 for float64 models).
+
+    Returns ({quantity: tensor}, {buffer: num_batches_tracked}).
+    """
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    with autocast(amp):
+        logits = model(x)
+    out = logits.to(torch.promote_types(x.dtype, torch.float32))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+    (out * weights.view_as(out)).sum().add(out.square().mean()).backward()
+    quantities = {"logits": logits.detach(), "input grad": x.grad}
+    quantities.update({f"grad {n}": p.grad for n, p in model.named_parameters()})
+    counts = {}
+    for name, buffer in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            counts[name] = buffer.item()
+        else:
+            quantities[name] = buffer.detach().clone()
+    return quantities, counts
+
+
+def norm_err(a, b):
+    """||a - b|| / ||b||: norm-wise, so that a ReLU that flips at one element moves it little."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def dropout_masks(record=None, replay=None):
+    """F.dropout that records the masks it draws, or applies recorded ones in any dtype.
+
+    The float64 reference needs the masks of the run it is compared with: on CUDA the dropout
+    kernel maps its random numbers to elements by dtype (vectorised by 16 bytes), so float64 and
+    bf16 draw different masks from the same seed.
+    """
+    original = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return original(input, p, training, inplace)
+        if replay is not None:
+            return input * replay.pop(0).to(input.dtype) / (1 - p)
+        out = original(input, p, training, inplace)
+        record.append(out != 0)  # a conv output of exactly 0 is too rare to matter
+        return out
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
+VARIANTS = {
+    "bc": {},
+    "recompute": dict(recompute_bottleneck=True),
+    "dropout": dict(drop_rate=0.2),  # 1 / 0.8 is exact in every dtype
+    "plain": dict(bn_size=None),
+}
+
+# How the reduced-precision tolerances were chosen. Each quantity's error is ||q - q64|| / ||q64||
+# against the naive model in float64 on the same weights, input and dropout masks. Two things
+# dominate it: rounding, and ReLUs whose input is so close to 0 that the rounding flips them. The
+# flips are rare, random and large (one can move a gradient by 1e-3 in float32), so a ratio of two
+# errors is only stable where flips are either absent (float32 on a small input: 8 x 16 x 16) or
+# many (bf16 and fp16 on a large one: 32 x 32 x 32). On those inputs, over 144 float32, 32 bf16 and
+# 32 fp16 CPU trials (seeds x the four variants x both memory formats), the efficient model's error
+# on every quantity stayed below 3 x naive's error on it + 1.91 x the median of naive's errors
+# (float32; bf16: + 0.01; fp16: + 0.47), and the median of its errors below 1.44 x naive's. Hence
+# C = 3 and FLOOR = 5 x that median (a margin of 2.6 over the worst trial), and MEDIAN_RATIO = 2.5.
+# A wrong mask, layout or dtype moves errors to order 1, far beyond these bounds.
+C, FLOOR, MEDIAN_RATIO = 3.0, 5.0, 2.5
+INPUT_SHAPE = {"float32": (8, 3, 16, 16), "bf16": (32, 3, 32, 32), "fp16": (32, 3, 32, 32)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("precision", ["float64", "float32", "bf16", "fp16"])
+def test_efficient_matches_naive_training_step(precision, channels_last, variant, exact_float32):
+    kwargs = dict(SMALL, **VARIANTS[variant])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if precision == "float64":
+        naive, efficient = make_pair(torch.float64, **kwargs)
+        for model in (naive, efficient):
+            model.to(DEVICE, memory_format=memory_format)
+        x = torch.randn(8, 3, 16, 16, dtype=torch.float64, device=DEVICE)
+        assert_same_step(naive, efficient, x.contiguous(memory_format=memory_format), 1e-10)
+        return
+
+    amp = "off" if precision == "float32" else precision
+    naive, efficient = make_pair(torch.float32, **kwargs)
+    reference = copy.deepcopy(naive).double()
+    for model in (naive, efficient, reference):
+        model.to(DEVICE, memory_format=memory_format)
+    x = torch.randn(*INPUT_SHAPE[precision], generator=torch.Generator().manual_seed(0))
+    x = x.to(DEVICE).contiguous(memory_format=memory_format)
+
+    masks = []
+    with dropout_masks(record=masks):
+        low, counts_naive = run_step(naive, x, amp)
+    with dropout_masks(replay=masks):
+        ref, _ = run_step(reference, x.double())
+    assert not masks, "the reference must use every recorded dropout mask"
+    out, counts = run_step(efficient, x, amp)
+
+    assert counts == counts_naive and set(counts.values()) == {1}, counts
+    assert out.keys() == ref.keys()
+    expected_dtype = torch.float32 if amp == "off" else AMP[amp]
+    assert out["logits"].dtype == low["logits"].dtype == expected_dtype
+    assert all(out[n].dtype == t.dtype for n, t in low.items() if n.startswith("grad"))
+    naive_err = {n: norm_err(low[n], ref[n]) for n in ref}
+    eff_err = {n: norm_err(out[n], ref[n]) for n in ref}
+    scale = statistics.median(naive_err.values())
+    assert scale > 0, "the naive model must differ from its float64 result at this precision"
+    too_far = {n: (f"{eff_err[n]:.3g}", f"{naive_err[n]:.3g}") for n in ref
+               if not eff_err[n] <= C * naive_err[n] + FLOOR * scale}
+    assert not too_far, (f"efficient vs naive error (median naive error {scale:.3g}): {too_far}")
+    assert statistics.median(eff_err.values()) <= MEDIAN_RATIO * scale
+
+
+# --- 2. 50 training steps, and the fp16 gradient scaler --------------------------------------
+
+def train(model, images, labels, amp, channels_last):
+    """SGD steps as demo.py takes them; returns the losses and the gradient scaler."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp == "fp16")
+    losses = []
+    for x, y in zip(images, labels, strict=True):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(amp):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach().float())
+    return torch.stack(losses).tolist(), scaler
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+@pytest.mark.parametrize("impl", ["naive", "efficient", "recompute"])
+def test_fifty_training_steps_lower_the_loss(impl, amp, channels_last):
+    if DEVICE.type == "cpu" and amp == "fp16":
+        pytest.skip("fp16 convolutions take seconds each on a CPU; this runs on CUDA only")
+    size = 32 if ON_CUDA else 8
+    images, labels = fake_batches(50, 32, size)
+    torch.manual_seed(0)
+    model = build(impl, bc_config(40, 12)).to(DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    losses, scaler = train(model, images, labels, amp, channels_last)
+    assert all(math.isfinite(loss) for loss in losses), losses
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    # The signal is learnt within 50 steps: at 8x8 the loss falls to 0.42x on a CPU, at 32x32 to
+    # 0.09x (mean of the last 10 steps over the first 10).
+    assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f}: {[round(v, 3) for v in losses]}"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if amp == "fp16":
+        assert scaler.get_scale() >= 1.0
+
+
+def snapshot(model, optimizer):
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"momentum of {n}": optimizer.state[p]["momentum_buffer"].clone()
+                  for n, p in model.named_parameters()})
+    return state
+
+
+@pytest.mark.parametrize("impl", ["naive", "efficient"])
+def test_grad_scaler_skips_overflowing_fp16_steps(impl):
+    torch.manual_seed(0)
+    model = DenseNet(efficient=impl == "efficient", **SMALL).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8)
+    x = torch.randn(8, 3, 16, 16, device=DEVICE)
+    y = torch.arange(8, device=DEVICE) % 10
+
+    def step(inject_inf=False):
+        with autocast("fp16"):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if inject_inf:
+            model.classifier.weight.grad[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+
+    step()  # a normal step, which also creates the momentum buffers
+    assert scaler.get_scale() == 2.0**8, "the first step must not overflow"
+    for cause in ("scale so large that fp16 gradients overflow", "inf injected into a gradient"):
+        # 2**40 times the loss's gradient overflows fp16 as soon as it reaches the fp16 logits.
+        scaler.update(new_scale=2.0**40 if cause.startswith("scale") else 2.0**8)
+        scale = scaler.get_scale()
+        before = snapshot(model, optimizer)
+        step(inject_inf=cause.startswith("inf"))
+        assert scaler.get_scale() == scale / 2, cause
+        after = snapshot(model, optimizer)
+        changed = [n for n in before if not torch.equal(after[n], before[n])]
+        assert not changed, f"{cause}: a skipped step changed {changed}"
+        assert all(torch.isfinite(b).all() for b in model.buffers()), cause
+    before = snapshot(model, optimizer)
+    step()
+    assert scaler.get_scale() == 2.0**7
+    after = snapshot(model, optimizer)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
+
+
+# --- 3. DataParallel ---------------------------------------------------------------------------
+
+@needs_cuda("DataParallel over GPUs")
+def test_data_parallel_matches_naive_and_updates_statistics_once():
+    ids = list(range(torch.cuda.device_count()))
+    naive, efficient = make_pair(torch.float64, **SMALL)
+    single = copy.deepcopy(naive).to(DEVICE)
+    x = torch.randn(4 * len(ids), 3, 16, 16, dtype=torch.float64, device=DEVICE)
+    wrapped_naive = torch.nn.DataParallel(naive.to(DEVICE), device_ids=ids)
+    wrapped = torch.nn.DataParallel(efficient.to(DEVICE), device_ids=ids)
+    # Logits, input and parameter gradients, running statistics, num_batches_tracked == 1.
+    assert_same_step(wrapped_naive, wrapped, x, 1e-10)
+    # The statistics are those of one update with the first replica's share of the batch (the
+    # replica on device_ids[0] shares the module's buffers; the others update copies).
+    training_step(single, x.chunk(len(ids))[0])
+    for (name, expected), actual in zip(single.named_buffers(), efficient.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert actual.item() == expected.item() == 1, name
+        else:
+            assert rel_err(actual, expected) < 1e-10, name
+
+
+@pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2,
+                    reason="needs 2 or more CUDA devices: DataParallel runs replicas in threads "
+                           "only then")
+def test_data_parallel_keeps_the_bf16_autocast_dtype():
+    # Autocast's dtype is thread-local; DataParallel's replica threads re-enter autocast without it.
+    torch.manual_seed(0)
+    model = torch.nn.DataParallel(DenseNet(efficient=True, **SMALL).to(DEVICE))
+    x = torch.randn(4 * torch.cuda.device_count(), 3, 16, 16, device=DEVICE)
+    with autocast("bf16"):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16, f"replicas ran in {logits.dtype}, not bfloat16"
+
+
+# --- 4. peak training memory -------------------------------------------------------------------
+
+@needs_cuda("peak memory is torch.cuda.max_memory_allocated")
+def test_peak_training_memory_efficient_below_checkpointing_below_naive(record_property):
+    config = bc_config(100, 12, batch_size=64)
+    impls = ("naive", "torchvision_me", "efficient", "recompute")
+    peaks = {impl: _run_in_fresh_process(_peak_worker, impl, config, str(DEVICE), False)
+             for impl in impls}
+    figures = dict(config=config["name"], batch_size=64, amp="off",
+                   peak_mib={impl: peaks[impl] and round(peaks[impl], 1) for impl in impls})
+    if all(peaks.values()):
+        figures.update(efficient_vs_torchvision_me=round(peaks["efficient"]
+                                                         / peaks["torchvision_me"], 3),
+                       efficient_vs_naive=round(peaks["efficient"] / peaks["naive"], 3))
+    report("peak_memory", figures, record_property)
+    assert all(peaks.values()), f"a training step did not fit or its process died: {peaks}"
+    assert peaks["efficient"] < peaks["torchvision_me"] < peaks["naive"], peaks
+    assert peaks["recompute"] < peaks["efficient"], peaks
+
+
+# --- 5. torch.compile --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", [
+    "naive",
+    pytest.param("efficient", marks=pytest.mark.xfail(
+        strict=False, reason="until the custom-op block lands (issue 9)")),
+])
+def test_torch_compile_fullgraph_matches_eager(impl, exact_float32):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DenseNet(efficient=impl == "efficient", **SMALL).to(DEVICE)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(8, 3, 16, 16, device=DEVICE)
+    ref, ref_counts = run_step(model, x)
+    out, counts = run_step(compiled, x)
+    out = {n.replace("_orig_mod.", ""): t for n, t in out.items()}
+    assert out.keys() == ref.keys() and list(counts.values()) == list(ref_counts.values())
+    errors = {n: norm_err(out[n], ref[n]) for n in ref}
+    assert max(errors.values()) < 1e-4, {n: e for n, e in errors.items() if e >= 1e-4}
+    model.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        assert norm_err(compiled(x), model(x)) < 1e-5
+
+
+# --- 6. a whole training step in a CUDA graph ---------------------------------------------------
+
+@needs_cuda("CUDA graphs")
+def test_cuda_graph_training_step_matches_eager(exact_float32, record_property):
+    """Forward, backward and SGD step of the efficient BC-100 captured once and replayed, as in
+    PyTorch's whole-network capture recipe: warm-up on a side stream, static input tensors, grads
+    allocated by the captured backward (zero_grad(set_to_none=True) before capture)."""
+    config = bc_config(100, 12, batch_size=64)
+    warmup, steps, timed = 3, 5, 10
+    images, labels = fake_batches(warmup + steps, 64, 32)
+    torch.manual_seed(0)
+    graphed = build("efficient", config).to(DEVICE)
+    eager = copy.deepcopy(graphed)
+
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                               weight_decay=1e-4, foreach=True)
+
+    def step(model, optimizer, x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    graphed_sgd, eager_sgd = sgd(graphed), sgd(eager)
+    static_x, static_y = images[0].clone(), labels[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(warmup):
+            static_x.copy_(images[i])
+            static_y.copy_(labels[i])
+            graphed_sgd.zero_grad(set_to_none=True)
+            step(graphed, graphed_sgd, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    graphed_sgd.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph, stream=stream):
+        static_loss = step(graphed, graphed_sgd, static_x, static_y)
+
+    def replay(i):
+        static_x.copy_(images[i])
+        static_y.copy_(labels[i])
+        graph.replay()
+        return static_loss.detach().clone()
+
+    def eager_step(i):
+        eager_sgd.zero_grad(set_to_none=True)
+        return step(eager, eager_sgd, images[i], labels[i]).detach()
+
+    for i in range(warmup):
+        eager_step(i)
+    graph_losses, eager_losses = [], []
+    for i in range(warmup, warmup + steps):
+        graph_losses.append(replay(i))
+        eager_losses.append(eager_step(i))
+    graph_losses, eager_losses = torch.stack(graph_losses), torch.stack(eager_losses)
+    assert torch.isfinite(graph_losses).all()
+    assert norm_err(graph_losses, eager_losses) < 1e-4, (graph_losses, eager_losses)
+    for (name, p), q in zip(graphed.named_parameters(), eager.parameters(), strict=True):
+        assert norm_err(p, q) < 1e-4, name
+    for (name, b), c in zip(graphed.named_buffers(), eager.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert b.item() == c.item() == warmup + steps, name
+        else:
+            assert norm_err(b, c) < 1e-4, name
+
+    def seconds_per_step(run):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(timed):
+            run(i % len(images))
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / timed
+
+    rounds = [(seconds_per_step(eager_step), seconds_per_step(replay)) for _ in range(3)]
+    eager_ms = 1e3 * statistics.median(r[0] for r in rounds)
+    graph_ms = 1e3 * statistics.median(r[1] for r in rounds)
+    report("cuda_graph_step", dict(config=config["name"], batch_size=64, impl="efficient",
+                                   dtype="float32 (TF32 off)", optimizer="SGD foreach",
+                                   eager_ms=round(eager_ms, 2), graph_ms=round(graph_ms, 2),
+                                   speedup=round(eager_ms / graph_ms, 2),
+                                   steps_timed=f"median of 3 rounds of {timed}"),
+           record_property)
