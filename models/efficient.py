@@ -87,8 +87,10 @@ def _affine_backward(grad_y, x, scale, grad_x=None):
     With ``grad_x`` given, scale * grad_y is added into it in place (and it is returned).
     """
     mean, var = _identity_stats(scale)
+    # The same zeros and ones as saved statistics (invstd 1): CUDA's kernel requires them defined
+    # unless it takes its fused path (not for channels_last input, nor without grad_input).
     g_x, g_scale, g_shift = _aten.native_batch_norm_backward(
-        grad_y, x, scale, mean, var, None, None, False, 0.0, [grad_x is None, True, True])
+        grad_y, x, scale, mean, var, mean, var, False, 0.0, [grad_x is None, True, True])
     if grad_x is not None:
         g_x = grad_x.addcmul_(grad_y, _channel(scale).to(grad_y.dtype))
     return g_x, g_scale, g_shift
