@@ -359,7 +359,7 @@ def test_peak_training_memory_efficient_below_checkpointing_below_naive(record_p
     impls = ("naive", "torchvision_me", "efficient", "recompute")
     peaks = {impl: _run_in_fresh_process(_peak_worker, impl, config, str(DEVICE), False)
              for impl in impls}
-    figures = dict(config=config["name"], batch_size=64, amp="off",
+    figures = dict(config=config["name"], batch_size=config["batch_size"], amp="off",
                    peak_mib={impl: peaks[impl] and round(peaks[impl], 1) for impl in impls})
     if all(peaks.values()):
         figures.update(efficient_vs_torchvision_me=round(peaks["efficient"]
@@ -411,9 +411,10 @@ def test_cuda_graph_training_step_matches_eager(exact_float32, record_property):
     graphed = build("efficient", config).to(DEVICE)
     eager = copy.deepcopy(graphed)
 
-    def sgd(model):
-        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
-                               weight_decay=1e-4, foreach=True)
+    def sgd(model):  # as demo.py's: fused, with the learning rate a tensor on the device
+        lr = torch.tensor(0.05, device=DEVICE)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=1e-4, fused=True)
 
     def step(model, optimizer, x, y):
         loss = F.cross_entropy(model(x), y)
@@ -475,8 +476,9 @@ def test_cuda_graph_training_step_matches_eager(exact_float32, record_property):
     rounds = [(seconds_per_step(eager_step), seconds_per_step(replay)) for _ in range(3)]
     eager_ms = 1e3 * statistics.median(r[0] for r in rounds)
     graph_ms = 1e3 * statistics.median(r[1] for r in rounds)
-    report("cuda_graph_step", dict(config=config["name"], batch_size=64, impl="efficient",
-                                   dtype="float32 (TF32 off)", optimizer="SGD foreach",
+    report("cuda_graph_step", dict(config=config["name"], batch_size=config["batch_size"],
+                                   impl="efficient",
+                                   dtype="float32 (TF32 off)", optimizer="SGD fused",
                                    eager_ms=round(eager_ms, 2), graph_ms=round(graph_ms, 2),
                                    speedup=round(eager_ms / graph_ms, 2),
                                    steps_timed=f"median of 3 rounds of {timed}"),

@@ -315,15 +315,6 @@ def test_data_parallel_wrapper_on_cpu():
     assert rel_err(out[0], ref[0]) < 1e-4
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_efficient_matches_naive_cuda():
-    naive, efficient = make_pair(torch.float32, **TINY)
-    naive.cuda()
-    efficient.cuda()
-    assert_same_step(naive, efficient, torch.randn(4, 3, 16, 12, device="cuda"), 1e-3)
-
-
 def test_depth_to_config():
     assert depth_to_config(100) == dict(growth_rate=12, block_config=(16, 16, 16),
                                         num_init_features=24, bn_size=4, compression=0.5)
