@@ -127,11 +127,27 @@ def autocast(amp, device):
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
 
 
-def wrap(model, devices):
+class Autocast(nn.Module):
+    """Runs the wrapped model under --amp's autocast.
+
+    DataParallel's worker threads re-enter autocast without its dtype (torch 2.13), so bf16
+    would silently become fp16 there: each replica enters the right autocast itself.
+    """
+
+    def __init__(self, model, amp):
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, inputs):
+        with autocast(self.amp, inputs.device):
+            return self.model(inputs)
+
+
+def wrap(model, devices, amp="off"):
     """DistributedDataParallel under torchrun, DataParallel over several GPUs, else as is."""
     if devices.distributed:
         ids = [devices.device.index] if devices.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if devices.data_parallel:
-        return nn.DataParallel(model)
+        return nn.DataParallel(Autocast(model, amp) if amp != "off" else model)
     return model

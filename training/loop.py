@@ -99,7 +99,7 @@ class Run:
         if config["cuda_graph"]:  # a restored learning rate comes back as a CPU number
             for group in self.optimizer.param_groups:
                 group["lr"] = graphable_lr({**config, "lr": float(group["lr"])}, devices.device)
-        self.model = wrap(self.raw_model, devices)
+        self.model = wrap(self.raw_model, devices, config["amp"])
         if config["compile"]:
             self.model = torch.compile(self.model)
         self.eval_model = self.raw_model if devices.distributed else self.model
