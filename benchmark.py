@@ -470,7 +470,7 @@ def tools_main(out="results", repeats=None, quick=False):
     import torch._inductor.config
 
     torch._inductor.config.cpp.enable_kernel_profile = True
-    started = time.time()
+    started, load = time.time(), os.getloadavg()[0]
     depth, batch_size, image_size = (16, 8, 16) if quick else (100, 64, 32)
     repeats = repeats or (1 if quick else 5)
     config = dict(depth_to_config(depth, 12), num_classes=10)
@@ -522,7 +522,8 @@ def tools_main(out="results", repeats=None, quick=False):
 
     text = tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts,
                           len(list(eager["naive"].parameters())), accuracy, len(seeds),
-                          4 if quick else 16, 8 if quick else 32, time.time() - started, quick)
+                          4 if quick else 16, 8 if quick else 32, time.time() - started, quick,
+                          load)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "tools-cpu-quick.md" if quick else "tools-cpu.md")
     with open(path, "w") as f:
@@ -531,14 +532,16 @@ def tools_main(out="results", repeats=None, quick=False):
 
 
 def tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts, num_params,
-                   accuracy, num_seeds, study_batch, study_size, seconds, quick):
+                   accuracy, num_seeds, study_batch, study_size, seconds, quick, load):
     """results/tools-cpu.md: every figure of tools_main, with the machine and the command."""
     step = {impl: 1e3 * t["step"] for impl, t in times.items()}
     lines = [
         f"# PyTorch's tools on the CPU: {name}", "",
-        f"Machine: {device_description(torch.device('cpu'))} (shared with other jobs while "
-        f"measured: times are noisy, ratios come from one interleaved run); torch "
-        f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; `python benchmark.py --tools True"
+        f"Machine: {device_description(torch.device('cpu'))}, {torch.get_num_threads()} "
+        f"torch thread(s), load average {load:.1f} when the run started (other jobs share the "
+        "cores when it exceeds the thread count: times are then noisy, and the ratios, from "
+        f"one interleaved run, are the figures to read); torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d')}; `python benchmark.py --tools True"
         f"{' --quick True' if quick else ''}` ({seconds:.0f} s). Compiled = "
         "`torch.compile(model, fullgraph=True)`, Inductor's CPU backend.", "",
         "## Training step (forward + backward), saved for backward, operators per step", "",
