@@ -102,13 +102,21 @@ def test_compile_fullgraph_channels_last_autocast_computes_what_eager_does():
     assert_steps_close(out, ref, rtol=0, atol=0)
 
 
-def test_compile_inductor_train_eval_and_saved_bytes():
+def test_compile_inductor_train_eval_saved_bytes_and_operator_count():
     naive, efficient = make_pair()
     x = torch.randn(4, 3, 8, 8)
     eager_bytes = saved_tensor_bytes(efficient, x)
     compiled = torch.compile(efficient, fullgraph=True)
-    compiled_bytes = saved_tensor_bytes(compiled, x)
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        compiled_bytes = saved_tensor_bytes(compiled, x)  # compiles the forward
+        step(compiled, x)  # and the backward
     assert abs(compiled_bytes - eager_bytes) <= 0.05 * eager_bytes
+    # The profiled count sees Inductor's kernels and what the operators run inside.
+    counted = profiled_operator_count(lambda: step(compiled, x))
+    assert counted.counts["inductor kernel"] > 0
+    assert counted.custom["densenet::dense_block"] == 2 == \
+        counted.custom["densenet::dense_block_backward"]
+    assert counted.counts["aten::convolution_backward"] >= 2 * 5  # two per layer
     naive.load_state_dict(efficient.state_dict())
     assert_steps_close(step(compiled, x), step(naive, x), rtol=1e-4, atol=1e-5)
     naive.eval()
