@@ -522,8 +522,7 @@ def tools_main(out="results", repeats=None, quick=False):
 
     text = tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts,
                           len(list(eager["naive"].parameters())), accuracy, len(seeds),
-                          4 if quick else 16, 8 if quick else 32, time.time() - started, quick,
-                          load)
+                          4 if quick else 16, 8 if quick else 32, time.time() - started, load)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "tools-cpu-quick.md" if quick else "tools-cpu.md")
     with open(path, "w") as f:
@@ -532,7 +531,7 @@ def tools_main(out="results", repeats=None, quick=False):
 
 
 def tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts, num_params,
-                   accuracy, num_seeds, study_batch, study_size, seconds, quick, load):
+                   accuracy, num_seeds, study_batch, study_size, seconds, load):
     """results/tools-cpu.md: every figure of tools_main, with the machine and the command."""
     step = {impl: 1e3 * t["step"] for impl, t in times.items()}
     lines = [
@@ -541,12 +540,12 @@ def tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts
         f"torch thread(s), load average {load:.1f} when the run started (other jobs share the "
         "cores when it exceeds the thread count: times are then noisy, and the ratios, from "
         f"one interleaved run, are the figures to read); torch {torch.__version__}; "
-        f"{time.strftime('%Y-%m-%d')}; `python benchmark.py --tools True"
-        f"{' --quick True' if quick else ''}` ({seconds:.0f} s). Compiled = "
+        f"{time.strftime('%Y-%m-%d')}; `python benchmark.py {' '.join(sys.argv[1:])}` "
+        f"({seconds:.0f} s). Compiled = "
         "`torch.compile(model, fullgraph=True)`, Inductor's CPU backend.", "",
         "## Training step (forward + backward), saved for backward, operators per step", "",
         "| implementation | step ms (median) | step vs eager efficient | step vs compiled naive |"
-        " saved MiB | operators per step | first step (compile) s |",
+        " saved MiB | operators per step | first step s (compilation) |",
         "|---|---|---|---|---|---|---|"]
     for impl in times:
         count = counts[impl]
@@ -558,6 +557,8 @@ def tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts
             f"| {impl} | {step[impl]:.0f} | {step[impl] / step['efficient']:.2f} | "
             f"{step[impl] / step['compiled naive']:.2f} | {saved[impl]:.1f} | {ops} | "
             f"{fmt(compile_time, 0)} |")
+    lines += ["", "First step: compilation included; Inductor caches compiled code on disk, so a "
+              "run after another compiles faster than a first run."]
     ratio = saved["compiled efficient"] / saved["efficient"]
     op_ratio = counts["efficient"]["dispatched"] / counts["naive"]["dispatched"]
     lines += [

@@ -38,8 +38,9 @@ The work of each Function (forward and backward) is a ``torch.library.custom_op`
 ``densenet::dense_block``, ``densenet::dense_block_backward``, ``densenet::read_buffer`` and
 ``densenet::read_buffer_backward``. An operator is opaque to the compiler and to autograd: a
 ``torch.compile(fullgraph=True)`` graph calls it as one node, which keeps the memory plan (the
-compiler cannot see, and so cannot re-plan, the writes into the shared buffer), while everything
-around the blocks (stem, loss, optimizer) is still fused. Each operator has a "fake"
+compiler cannot see, and so cannot re-plan, the writes into the shared buffer), while the rest
+of the model (stem, running-statistics updates, classifier) is compiled as usual. Inside an
+operator the kernels are eager PyTorch's, in either mode. Each operator has a "fake"
 implementation that only computes output shapes, dtypes and layouts, which is what the compiler
 traces. The autograd formula is a small ``autograd.Function`` with ``setup_context`` around the
 forward operator, because ``torch.func`` transforms accept that form (custom_op's own

@@ -421,3 +421,13 @@ def test_float32_gradients_as_accurate_as_naive():
         median = {name: torch.tensor(e).median().item() for name, e in errors.items()}
         assert 0 < median["efficient"] <= 2 * median["naive"], median
         assert max(errors["efficient"]) < 1e-4
+
+
+def test_foreach_and_fused_sgd_dispatch_a_handful_of_operators():
+    from benchmark import optimizer_step_counts
+
+    _, model = make_pair()
+    counts = optimizer_step_counts(model)
+    num_params = len(list(model.parameters()))
+    assert counts["default"] >= 3 * num_params  # one loop iteration per parameter on a CPU
+    assert counts["fused"] <= counts["foreach"] <= 10
