@@ -57,10 +57,15 @@ def assert_steps_close(out, ref, **tolerance):
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo_one_thread():
+    # Tiny models gain nothing from a second thread, and OpenMP's barriers make them crawl when
+    # other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+    torch.set_num_threads(threads)
 
 
 # torch.compile ------------------------------------------------------------------------------
