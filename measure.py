@@ -1,13 +1,16 @@
-"""Measure what a training step costs: bytes saved for backward, peak CUDA memory, step time.
+"""Measure what a training step costs: bytes saved for backward, peak CUDA memory, step time,
+operators dispatched.
 
 Pure torch; benchmark.py, demo.py and the tests build on these functions.
 """
 
+import collections
 import platform
 import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def saved_tensor_bytes(model, inputs):
@@ -97,3 +100,117 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# Allocations launch no kernel; views only change metadata.
+_ALLOCATIONS = frozenset(["empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"])
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the operators a piece of eager code dispatches: a proxy for GPU kernel launches.
+
+    Views and allocations are not counted. A composite operator is counted as the operators it
+    decomposes into, and a custom operator (``torch.library.custom_op``, e.g. ``densenet::``) as
+    the operators its implementation dispatches: opaque to the counter it would count as one,
+    however many kernels it launches. ``counts`` maps "namespace.op.overload" to a count;
+    ``custom`` counts the custom operators seen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.custom = collections.Counter()
+
+    def total(self):
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if func.namespace not in ("aten", "prims"):
+            key = torch._C.DispatchKey.CompositeExplicitAutograd
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+                self.custom[str(func)] += 1
+                with self:  # the implementation's operators are counted too
+                    return func._op_dk(key, *args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(
+                name, torch._C.DispatchKey.CompositeImplicitAutograd):
+            with self:
+                return func.decompose(*args, **kwargs)
+        if not func.is_view and func._overloadpacket.__name__ not in _ALLOCATIONS:
+            self.counts[str(func)] += 1
+        return func(*args, **kwargs)
+
+
+def count_operators(step):
+    """Run ``step()`` once and return the OperatorCounter that watched it."""
+    with OperatorCounter() as counter:
+        step()
+    return counter
+
+
+def _op_packet(name):
+    namespace, _, op = name.partition("::")
+    try:
+        return getattr(getattr(torch.ops, namespace), op)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _composite(packet):
+    """Whether every overload of ``packet`` decomposes (CompositeImplicitAutograd)."""
+    found = []
+    for overload in packet.overloads():
+        try:
+            found.append(torch._C._dispatch_has_kernel_for_dispatch_key(
+                getattr(packet, overload).name(), torch._C.DispatchKey.CompositeImplicitAutograd))
+        except RuntimeError:  # an overload the dispatcher does not know (TorchScript's own)
+            pass
+    return bool(found) and all(found)
+
+
+def _is_view(packet):
+    return any(getattr(packet, overload).is_view for overload in packet.overloads())
+
+
+def profiled_operator_count(step):
+    """The count of OperatorCounter, taken from a profile of ``step()``: works for compiled code.
+
+    A TorchDispatchMode turns torch.compile off, so compiled steps are counted from the
+    profiler's event tree with the same rules: the outermost non-composite operators (views and
+    allocations excepted), the operators inside custom operators, and one per kernel Inductor
+    generated (on a CPU its events exist only when the model was compiled with
+    ``torch._inductor.config.cpp.enable_kernel_profile = True``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counter = OperatorCounter()
+    packets = {}
+
+    def visit(event):
+        name = event.name
+        if name.startswith("graph_") and "_fused" in name:
+            counter.counts["inductor kernel"] += 1
+            return
+        if "::" in name and not name.startswith(("aten::", "prims::")):
+            if name not in packets:
+                packets[name] = _op_packet(name)
+            if packets[name] is not None:
+                counter.custom[name] += 1
+        elif name.startswith("aten::"):
+            if name not in packets:
+                packets[name] = _op_packet(name)
+            packet = packets[name]
+            if packet is not None and not _composite(packet):
+                if not _is_view(packet) and name.partition("::")[2] not in _ALLOCATIONS:
+                    counter.counts[name] += 1
+                return
+        for child in event.cpu_children:
+            visit(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event)
+    return counter

@@ -4,7 +4,6 @@
 ``models.efficient``; the state_dict is identical in both modes.
 """
 
-import functools
 import math
 import numbers
 from collections import OrderedDict
@@ -13,8 +12,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from .efficient import BlockSpec, DenseBlockFunction, ReaderFunction, block_forward
+from .efficient import (
+    BlockSpec,
+    DenseBlockFunction,
+    ReaderFunction,
+    _dense_block_op,
+    _stat_dtype,
+    compute_dtype,
+)
 
 
 def depth_to_config(depth, growth_rate=12, bc=True):
@@ -63,13 +71,15 @@ class _DenseLayer(nn.Module):
             self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, padding=1, bias=False)
+            # None, not absent: TorchScript then compiles the bottleneck branch away.
+            self.norm2 = self.relu2 = self.conv2 = None
         self.bottleneck = bool(bn_size)
         self.drop_rate = float(drop_rate)
 
-    def forward(self, features):
+    def forward(self, features: list[Tensor]) -> Tensor:
         """Naive mode: concatenate every earlier feature map, return the k new channels."""
         out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
-        if self.bottleneck:
+        if self.norm2 is not None and self.relu2 is not None and self.conv2 is not None:
             out = self.conv2(self.relu2(self.norm2(out)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
@@ -92,9 +102,9 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
         self.growth_rate = growth_rate
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         features = [x]
-        for layer in self.values():
+        for _, layer in self.items():
             features.append(layer(features))
         return torch.cat(features, 1)
 
@@ -116,52 +126,41 @@ def _bn_affine(bn, training):
     """
     if training:
         return bn.weight, bn.bias
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    dtype = _stat_dtype(bn.weight.dtype)  # float32 for a half or bfloat16 model, as BatchNorm
+    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    return scale, bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
 
 
 @torch.no_grad()
-def _update_running_stats(norms, means, variances, count):
+def _update_running_stats(norms, means, variances):
     """What nn.BatchNorm2d does to its buffers in a training forward, for several BatchNorms at
-    once (one fused update per buffer kind), from given biased batch statistics.
+    once (one fused update per buffer kind), from given unbiased batch variances.
 
-    Each BatchNorm takes the first running_mean.numel() channels of its statistics.
+    Each BatchNorm takes the first running_mean.numel() channels of its statistics. No host
+    synchronisation, also for momentum=None (the cumulative average's factor stays a tensor).
     """
     torch._foreach_add_([bn.num_batches_tracked for bn in norms], 1)
     sizes = [bn.running_mean.numel() for bn in norms]
     means = [m[:n].to(bn.running_mean.dtype) for bn, m, n in zip(norms, means, sizes, strict=True)]
-    unbiased = torch._foreach_mul([v[:n].to(bn.running_var.dtype) for bn, v, n in
-                                   zip(norms, variances, sizes, strict=True)],
-                                  count / max(count - 1, 1))
-    momenta = [bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-               for bn in norms]
-    if len(set(momenta)) == 1:
-        torch._foreach_lerp_([bn.running_mean for bn in norms], means, momenta[0])
-        torch._foreach_lerp_([bn.running_var for bn in norms], unbiased, momenta[0])
+    variances = [v[:n].to(bn.running_var.dtype)
+                 for bn, v, n in zip(norms, variances, sizes, strict=True)]
+    momenta = {bn.momentum for bn in norms}
+    if len(momenta) == 1 and None not in momenta:
+        momentum = momenta.pop()
+        torch._foreach_lerp_([bn.running_mean for bn in norms], means, momentum)
+        torch._foreach_lerp_([bn.running_var for bn in norms], variances, momentum)
         return
-    for bn, mean, var, momentum in zip(norms, means, unbiased, momenta, strict=True):
+    for bn, mean, var in zip(norms, means, variances, strict=True):
+        momentum = bn.momentum
+        if momentum is None:
+            momentum = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
         bn.running_mean.lerp_(mean, momentum)
         bn.running_var.lerp_(var, momentum)
 
 
-def _outside_compile(method):
-    """Run ``method`` eagerly under torch.compile (a graph break around the custom Functions).
-
-    torch.compiler.disable is applied on first use: as a decorator it would import the compiler
-    stack, seconds of start-up, in every program that imports the model.
-    """
-    disabled = None
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        nonlocal disabled
-        if not torch.compiler.is_compiling():
-            return method(*args, **kwargs)
-        if disabled is None:
-            disabled = torch.compiler.disable(method)
-        return disabled(*args, **kwargs)
-
-    return wrapper
+def _unbiased_variance(invstd, eps, count):
+    """The unbiased batch variance BatchNorm's running_var tracks, from its 1 / sqrt(var + eps)."""
+    return invstd.pow(-2).sub_(eps).mul_(count / max(count - 1, 1))
 
 
 def _sync_group(norm):
@@ -272,54 +271,78 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
 
-    def forward(self, x):
-        if not self.efficient:
-            features = self.features(x)
-            out = F.adaptive_avg_pool2d(F.relu(features), (1, 1))
-            return self.classifier(torch.flatten(out, 1))
-        return self.classifier(self._efficient_features(x))
+    def forward(self, x: Tensor) -> Tensor:
+        if self.efficient and not torch.jit.is_scripting() and self._efficient_path_available():
+            return self.classifier(self._efficient_features(x))
+        features = self.features(x)
+        out = F.adaptive_avg_pool2d(F.relu(features), (1, 1))
+        return self.classifier(torch.flatten(out, 1))
 
-    def _efficient_features(self, x):
-        """Pooled features computed block by block through the shared-buffer Functions."""
-        stats = None  # (buffer, mean, var, process group) of the last dense block
-        for name, module in self.features.named_children():
+    @torch.jit.unused
+    def _efficient_path_available(self) -> bool:
+        """False while TorchScript tracing, FX symbolic tracing or torch.export (hence ONNX) record
+        the model: those keep the naive path, on the same parameters, so that the recorded graph
+        holds only standard operators (export is for inference, where memory in training does
+        not matter). torch.compile, torch.func and eager mode use the efficient operators.
+        """
+        return not (torch.jit.is_tracing() or is_fx_symbolic_tracing()
+                    or torch.compiler.is_exporting())
+
+    @torch.jit.unused
+    def _efficient_features(self, x: Tensor) -> Tensor:
+        """Pooled features computed block by block through the shared-buffer operators."""
+        children = list(self.features.named_children())
+        buf = None  # the last dense block's buffer
+        for i, (name, module) in enumerate(children):
             if isinstance(module, _DenseBlock):
-                stats = self._run_block(module, x)
+                reader = children[i + 1][1] if i + 1 < len(children) else None
+                reader_norm = reader.norm if isinstance(reader, _Transition) else reader
+                if not isinstance(reader_norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                    raise RuntimeError("a dense block must be followed by a transition or norm5")
+                buf = self._run_block(module, x, reader_norm)
             elif isinstance(module, _Transition):
-                x = self._read_buffer(module.norm, stats, module.conv.weight)
+                x = self._read_buffer(module.norm, buf, module.conv.weight)
             elif name == "norm5":
-                return self._read_buffer(module, stats, None)
+                return self._read_buffer(module, buf, None)
             else:
                 x = module(x)
         raise RuntimeError("features must end with norm5")
 
-    @_outside_compile
-    def _run_block(self, block, x):
+    def _run_block(self, block, x, reader_norm):
+        """The block's buffer; in training, updates the running statistics of every BatchNorm
+        that reads it (the block's own and ``reader_norm``) as nn.BatchNorm2d would."""
         layers = list(block.values())
         first = layers[0]
+        n, _, height, width = x.shape
+        if self.training and n * height * width <= 1:
+            if first.norm1.num_batches_tracked is not None:
+                first.norm1.num_batches_tracked.add_(1)  # nn.BatchNorm2d counts, then raises
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {tuple(x.shape)}")
         group = _sync_group(first.norm1) if self.training else None
-        spec = BlockSpec(len(layers), block.growth_rate, first.bottleneck, self.training,
-                         first.norm1.eps, first.drop_rate, self.recompute_bottleneck, group)
+        spec = BlockSpec(block.growth_rate, first.bottleneck, self.training, first.norm1.eps,
+                         first.drop_rate if self.training else 0.0, self.recompute_bottleneck,
+                         "" if group is None else group.group_name)
         params = [t for layer in layers for t in layer.block_params(self.training)]
+        dtype = compute_dtype(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
-            buf, mean, invstd, z_mean, z_invstd = DenseBlockFunction.apply(spec, x, *params)
+            buf, mean, invstd, z_mean, z_invstd = \
+                DenseBlockFunction.apply(spec, dtype, x, *params)[:5]
         else:
-            buf, (mean, invstd, z_mean, z_invstd), _ = block_forward(spec, x, params, False)
-        var = None
+            buf, mean, invstd, z_mean, z_invstd, _, _ = _dense_block_op(
+                x, params, dtype, False, *spec)
         if self.training:
-            # Back from BatchNorm's 1 / sqrt(var + eps) to the variance the buffers track.
-            var, z_var = invstd.pow(-2) - spec.eps, z_invstd.pow(-2) - spec.eps
             count = _values_per_channel(buf, group)
-            norms = [layer.norm1 for layer in layers]
-            _update_running_stats(norms, [mean] * len(norms), [var] * len(norms), count)
+            var = _unbiased_variance(invstd, spec.eps, count)
+            norms = [layer.norm1 for layer in layers] + [reader_norm]
+            means, variances = [mean] * len(norms), [var] * len(norms)
             if first.bottleneck:
-                _update_running_stats([layer.norm2 for layer in layers], z_mean, z_var, count)
-        return buf, mean, var, group
+                norms += [layer.norm2 for layer in layers]
+                means += list(z_mean.unbind())
+                variances += list(_unbiased_variance(z_invstd, spec.eps, count).unbind())
+            _update_running_stats(norms, means, variances)
+        return buf
 
-    @_outside_compile
-    def _read_buffer(self, norm, stats, weight):
-        buf, mean, var, group = stats
-        if self.training:
-            _update_running_stats([norm], [mean], [var], _values_per_channel(buf, group))
+    def _read_buffer(self, norm, buf, weight):
         scale, shift = _bn_affine(norm, self.training)
         return ReaderFunction.apply(weight is None, buf, scale, shift, weight)

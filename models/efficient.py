@@ -27,11 +27,37 @@ the bottleneck outputs unless ``recompute_bottleneck``), and backward walks the 
 recomputing each layer's cheap affine + ReLU from the buffer. Transitions and the classifier head
 read the buffer through the same affine map with a second small Function, so nothing there is
 stored either.
+
+What is saved for backward, in all: per block the buffer (in the compute dtype), the bottleneck
+outputs (unless ``recompute_bottleneck``), a bool mask per layer when dropout is on, and small
+per-channel batch statistics; plus the parameters.
+
+Why the block and the reader are custom operators
+-------------------------------------------------
+The work of each Function (forward and backward) is a ``torch.library.custom_op``:
+``densenet::dense_block``, ``densenet::dense_block_backward``, ``densenet::read_buffer`` and
+``densenet::read_buffer_backward``. An operator is opaque to the compiler and to autograd: a
+``torch.compile(fullgraph=True)`` graph calls it as one node, which keeps the memory plan (the
+compiler cannot see, and so cannot re-plan, the writes into the shared buffer), while the rest
+of the model (stem, running-statistics updates, classifier) is compiled as usual. Inside an
+operator the kernels are eager PyTorch's, in either mode. Each operator has a "fake"
+implementation that only computes output shapes, dtypes and layouts, which is what the compiler
+traces. The autograd formula is a small ``autograd.Function`` with ``setup_context`` around the
+forward operator, because ``torch.func`` transforms accept that form (custom_op's own
+``register_autograd`` does not support them); its backward calls the backward operator, which
+has no derivative of its own: double backward raises one error that says to use
+``efficient=False``. The operators take the compute dtype as an argument instead of reading the
+autocast state, so a compiled graph computes exactly what eager mode does. A SyncBatchNorm
+process group travels by name (``group.group_name``).
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor
 
 _aten = torch.ops.aten
 
@@ -51,6 +77,7 @@ def memory_format(x):
 
 
 def _stat_dtype(dtype):
+    """Batch statistics and BatchNorm parameters are float32 (float64 for float64 features)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -61,14 +88,14 @@ def _channel(v):
 _IDENTITY = {}  # (device, dtype) -> (zeros, ones), grown as needed: two launches fewer per call
 
 
-def _identity_stats(like):
-    """Zero means and unit variances for ``like.numel()`` channels."""
-    key, n = (like.device, like.dtype), like.numel()
-    zeros, ones = _IDENTITY.get(key, (like.new_empty(0), like.new_empty(0)))
-    if zeros.numel() < n:
-        zeros, ones = like.new_zeros(2 * n), like.new_ones(2 * n)
-        _IDENTITY[key] = zeros, ones
-    return zeros[:n], ones[:n]
+def _identity_stats(like, n=None):
+    """Zero means and unit variances for ``n`` (default ``like.numel()``) channels."""
+    key, n = (like.device, like.dtype), like.numel() if n is None else n
+    cached = _IDENTITY.get(key)
+    if cached is None or cached[0].numel() < n:
+        cached = like.new_zeros(max(2 * n, 64)), like.new_ones(max(2 * n, 64))
+        _IDENTITY[key] = cached
+    return cached[0][:n], cached[1][:n]
 
 
 def _affine_relu(x, scale, shift):
@@ -76,9 +103,11 @@ def _affine_relu(x, scale, shift):
 
     BatchNorm's inference kernel with mean 0, variance 1 and eps 0 is exactly this affine map,
     with float32 scale and shift even for half-precision x (one rounding, as nn.BatchNorm2d).
+    torch.batch_norm, not F.batch_norm: torch 2.11's F.batch_norm refuses eps 0.
     """
     mean, var = _identity_stats(scale)
-    return F.batch_norm(x, mean, var, scale, shift, False, 0.0, 0.0).relu_()
+    return torch.batch_norm(x, scale, shift, mean, var, False, 0.0, 0.0,
+                            torch.backends.cudnn.enabled).relu_()
 
 
 def _affine_backward(grad_y, x, scale, grad_x=None):
@@ -122,7 +151,13 @@ def _normalized_grad(grad_xhat, xhat, invstd, group=None):
 
 
 def _batch_norm_train(x, weight, bias, eps, group=None):
-    """Training BatchNorm: (output, batch mean, batch invstd), over ``group``'s processes if any."""
+    """Training BatchNorm: (output, batch mean, batch invstd), over ``group``'s processes if any.
+
+    Without weight and bias, float32 identity ones are passed, so that half-precision inputs get
+    float32 statistics (the mixed-precision kernel), as with nn.BatchNorm2d's float32 parameters.
+    """
+    if weight is None:
+        bias, weight = _identity_stats(x.new_empty(0, dtype=_stat_dtype(x.dtype)), x.shape[1])
     if group is None:
         return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     # Two reductions (mean, then squared deviations) are slower but stabler than sum/sum-of-squares.
@@ -138,33 +173,45 @@ def _batch_norm_train(x, weight, bias, eps, group=None):
     return out, mean, torch.rsqrt(var + eps)
 
 
-class BlockSpec:
-    """Static description of one dense block's computation (no tensors)."""
+class BlockSpec(NamedTuple):
+    """Static description of one dense block's computation (no tensors).
 
-    def __init__(self, num_layers, growth_rate, bottleneck, training, eps, drop_rate,
-                 recompute_bottleneck, group=None):
-        self.num_layers = num_layers
-        self.growth_rate = growth_rate
-        self.bottleneck = bottleneck
-        self.training = training
-        self.eps = eps
-        self.drop_rate = drop_rate if training else 0.0
-        self.recompute_bottleneck = recompute_bottleneck
-        self.params_per_layer = 6 if bottleneck else 3
-        self.conv1_padding = 0 if bottleneck else 1
-        self.group = group  # process group whose batches share statistics (SyncBatchNorm)
+    ``group_name`` names the process group whose batches share statistics (SyncBatchNorm); ""
+    means this process's batch only.
+    """
+
+    growth_rate: int
+    bottleneck: bool
+    training: bool
+    eps: float
+    drop_rate: float  # 0 outside training
+    recompute_bottleneck: bool
+    group_name: str = ""
+
+    @property
+    def params_per_layer(self):
+        return 6 if self.bottleneck else 3
+
+    @property
+    def conv1_padding(self):
+        return 0 if self.bottleneck else 1
+
+    def num_layers(self, params):
+        return len(params) // self.params_per_layer
+
+    def group(self):
+        if not self.group_name:
+            return None
+        return dist.distributed_c10d._resolve_process_group(self.group_name)
 
 
-def _bottleneck_input(spec, z, z_mean, z_invstd, scale2, shift2):
-    """relu(norm2(z)) recomputed: saved batch statistics (training) or folded running ones."""
-    if spec.training:
-        scale = scale2 * z_invstd
-        return _affine_relu(z, scale, shift2 - z_mean * scale)
-    return _affine_relu(z, scale2, shift2)
+def _stack_affine(spec, params, index):
+    """One (num_layers, channels) tensor of every layer's parameter number ``index``."""
+    return torch.stack(params[index::spec.params_per_layer])
 
 
-def block_forward(spec, x, params, keep_for_backward):
-    """Run a dense block. Returns (buffer, stats, saved).
+def block_forward(spec, x, params, dtype, keep_for_backward):
+    """Run a dense block in ``dtype``. Returns (buffer, stats, saved).
 
     ``buffer`` holds every channel, normalised by batch statistics in training, raw in eval.
     ``stats`` is (mean, invstd, z_mean, z_invstd): the batch statistics of the buffer's channels
@@ -173,48 +220,62 @@ def block_forward(spec, x, params, keep_for_backward):
     """
     n, c_in, height, width = x.shape
     k = spec.growth_rate
+    num_layers = spec.num_layers(params)
     if spec.training and n * height * width <= 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, "
             f"got input size {tuple(x.shape)}")
-    dtype = compute_dtype(x)
+    group = spec.group() if spec.training else None
     sdt = _stat_dtype(dtype)
-    c_total = c_in + spec.num_layers * k
+    fmt = memory_format(x)
+    c_total = c_in + num_layers * k
     buf = torch.empty((n, c_total, height, width), dtype=dtype, device=x.device,
-                      memory_format=memory_format(x))
+                      memory_format=fmt)
     size = c_total if spec.training else 0
     mean = torch.empty(size, dtype=sdt, device=x.device)
     invstd = torch.empty(size, dtype=sdt, device=x.device)
     width2 = params[3].numel() if spec.bottleneck and spec.training else 0
-    z_mean = torch.empty((spec.num_layers, width2), dtype=sdt, device=x.device)
-    z_invstd = torch.empty((spec.num_layers, width2), dtype=sdt, device=x.device)
+    z_mean = torch.empty((num_layers, width2), dtype=sdt, device=x.device)
+    z_invstd = torch.empty((num_layers, width2), dtype=sdt, device=x.device)
     saved_z, masks = [], []
 
     def store(lo, hi, features):
-        if spec.training:
-            normalized, mean[lo:hi], invstd[lo:hi] = _batch_norm_train(
-                features, None, None, spec.eps, spec.group)
-            buf[:, lo:hi] = normalized
-        else:
+        features = features.to(dtype)
+        if not spec.training:
             buf[:, lo:hi] = features
+        elif group is None:
+            # Normalised straight into the buffer, statistics straight into their slices.
+            zeros, ones = _identity_stats(mean, hi - lo)
+            _aten.native_batch_norm.out(features, ones, zeros, None, None, True, 0.0, spec.eps,
+                                        out=buf[:, lo:hi], save_mean=mean[lo:hi],
+                                        save_invstd=invstd[lo:hi])
+        else:
+            buf[:, lo:hi], mean[lo:hi], invstd[lo:hi] = _batch_norm_train(
+                features, None, None, spec.eps, group)
 
     store(0, c_in, x)
-    for j in range(spec.num_layers):
+    for j in range(num_layers):
         c = c_in + j * k
         p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
-        h = _affine_relu(buf[:, :c], p[0], p[1])
+        h = _affine_relu(buf[:, :c], p[0].to(sdt), p[1].to(sdt))
         new = F.conv2d(h, p[2].to(dtype), padding=spec.conv1_padding)
         del h
         if spec.bottleneck:
             z = new
-            if spec.training:
+            if spec.training and group is None:
+                u = torch.empty_like(z)  # statistics straight into their rows
+                _aten.native_batch_norm.out(z, p[3].to(sdt), p[4].to(sdt), None, None, True,
+                                            0.0, spec.eps, out=u, save_mean=z_mean[j],
+                                            save_invstd=z_invstd[j])
+                u = u.relu_()
+            elif spec.training:
                 u, z_mean[j], z_invstd[j] = _batch_norm_train(
-                    z, p[3], p[4], spec.eps, spec.group)
+                    z, p[3].to(sdt), p[4].to(sdt), spec.eps, group)
                 u = u.relu_()
             else:
-                u = _bottleneck_input(spec, z, None, None, p[3], p[4])
+                u = _affine_relu(z, p[3].to(sdt), p[4].to(sdt))
             if keep_for_backward and not spec.recompute_bottleneck:
-                saved_z.append(z)
+                saved_z.append(z.contiguous(memory_format=fmt))
             del z
             new = F.conv2d(u, p[5].to(dtype), padding=1)
             del u
@@ -224,152 +285,331 @@ def block_forward(spec, x, params, keep_for_backward):
             scaled_mask = F.dropout(torch.ones_like(new), spec.drop_rate, True)
             new = new * scaled_mask
             if keep_for_backward:
-                masks.append(scaled_mask != 0)
+                masks.append((scaled_mask != 0).contiguous(memory_format=fmt))
         store(c, c + k, new)
     return buf, (mean, invstd, z_mean, z_invstd), (saved_z, masks)
+
+
+def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params, saved_z,
+                   masks, x_dtype):
+    """Gradients of a dense block: [dL/dx, dL/dparam for each param], from dL/d(buffer)."""
+    dtype = buf.dtype
+    sdt = _stat_dtype(dtype)
+    fmt = memory_format(buf)
+    k = spec.growth_rate
+    num_layers = spec.num_layers(params)
+    c_in = buf.shape[1] - num_layers * k
+    group = spec.group() if spec.training else None
+
+    # Accumulates dL/d(buffer) from every reader of each channel.
+    grad = torch.empty_like(buf)
+    grad.copy_(grad_buf)
+    param_grads = [None] * len(params)
+    if spec.bottleneck and spec.training:
+        # Layer j's bottleneck BatchNorm as relu(scale2 * z + shift2), for all layers at once.
+        scale2 = _stack_affine(spec, params, 3).to(sdt) * z_invstd_all
+        shift2 = _stack_affine(spec, params, 4).to(sdt) - z_mean_all * scale2
+
+    def channel_grad(lo, hi):
+        """dL/d(features) for channels whose readers are all done."""
+        if spec.training:
+            return _normalized_grad(grad[:, lo:hi], buf[:, lo:hi], invstd[lo:hi], group)
+        return grad[:, lo:hi]
+
+    for j in reversed(range(num_layers)):
+        c = c_in + j * k
+        base = j * spec.params_per_layer
+        p = params[base:base + spec.params_per_layer]
+        g_new = channel_grad(c, c + k)
+        if spec.drop_rate > 0:
+            g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
+        w1 = p[2].to(dtype)
+        inputs = buf[:, :c]
+        if inputs.device.type == "cpu":
+            # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided
+            # slice; GPU kernels read the slice at full speed, and the copy would add to the
+            # peak memory.
+            inputs = inputs.contiguous(memory_format=fmt)
+        scale1 = p[0].to(sdt)
+        h = _affine_relu(inputs, scale1, p[1].to(sdt))
+        if spec.bottleneck:
+            z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
+            scale = p[3].to(sdt)
+            if spec.training:
+                u = _affine_relu(z, scale2[j], shift2[j])
+            else:
+                u = _affine_relu(z, scale, p[4].to(sdt))
+            g_u, g_w2, _ = _aten.convolution_backward(
+                g_new, u, p[5].to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [True, True, False])
+            g_u = _relu_backward_(g_u, u)
+            del u
+            if spec.training and group is not None:
+                z_mean, z_invstd = z_mean_all[j], z_invstd_all[j]
+                z_hat = (z - _channel(z_mean)) * _channel(z_invstd)
+                _, g_scale2, g_shift2 = _affine_backward(g_u, z_hat, scale)
+                g_z = _normalized_grad(g_u * _channel(scale), z_hat, z_invstd, group)
+                g_z = g_z.to(dtype)
+                del z_hat
+            elif spec.training:
+                # Mixed precision is fine here: statistics and gamma stay in float32.
+                g_z, g_scale2, g_shift2 = _aten.native_batch_norm_backward(
+                    g_u, z, scale, None, None, z_mean_all[j], z_invstd_all[j], True, spec.eps,
+                    [True, True, True])
+            else:
+                g_z, g_scale2, g_shift2 = _affine_backward(g_u, z, scale)
+            del g_u, z
+            param_grads[base + 3] = g_scale2
+            param_grads[base + 4] = g_shift2
+            param_grads[base + 5] = g_w2
+            g_out = g_z
+        else:
+            g_out = g_new
+        pad = spec.conv1_padding
+        g_h, g_w1, _ = _aten.convolution_backward(
+            g_out, h, w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        g_h = _relu_backward_(g_h, h)
+        del h, g_out
+        _, g_scale1, g_shift1 = _affine_backward(g_h, inputs, scale1, grad_x=grad[:, :c])
+        del g_h, inputs
+        param_grads[base] = g_scale1
+        param_grads[base + 1] = g_shift1
+        param_grads[base + 2] = g_w1
+
+    grad_x = channel_grad(0, c_in).to(x_dtype).contiguous(memory_format=fmt)
+    return [grad_x] + [_like(g, p) for g, p in zip(param_grads, params, strict=True)]
+
+
+def _like(grad, param):
+    """``grad`` in ``param``'s dtype and layout (what the fake implementations promise)."""
+    return grad.to(param.dtype).contiguous(memory_format=memory_format(param))
+
+
+def reader_forward(buf, scale, shift, weight, global_pool):
+    """BatchNorm-ReLU of the buffer, then a 2x2 average pool and a 1x1 conv (transition), or a
+    global average pool (head, ``weight`` None)."""
+    h = _affine_relu(buf, scale.to(_stat_dtype(buf.dtype)), shift.to(_stat_dtype(buf.dtype)))
+    if global_pool:
+        return h.mean((2, 3))
+    # Pool, then conv: the same as conv-then-pool for a 1x1 conv, at a quarter of the cost.
+    pooled = F.avg_pool2d(h, 2)
+    return F.conv2d(pooled, weight.to(buf.dtype)).contiguous(memory_format=memory_format(buf))
+
+
+def reader_backward(grad_out, buf, scale, shift, weight, global_pool):
+    """[dL/d(buffer), dL/d(scale), dL/d(shift)] (+ [dL/d(weight)] for a transition)."""
+    dtype, sdt = buf.dtype, _stat_dtype(buf.dtype)
+    grad_out = grad_out.to(dtype)
+    scale32 = scale.to(sdt)
+    h = _affine_relu(buf, scale32, shift.to(sdt))
+    grad_weight = []
+    if global_pool:
+        area = h.shape[2] * h.shape[3]
+        g_h = (grad_out / area)[:, :, None, None].expand_as(h)
+    else:
+        pooled = F.avg_pool2d(h, 2)
+        g_pooled, g_w, _ = _aten.convolution_backward(
+            grad_out, pooled, weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+            1, [True, True, False])
+        grad_weight = [_like(g_w, weight)]
+        g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True, None)
+    g_h = _relu_backward_(g_h.contiguous(memory_format=memory_format(h)), h)
+    g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale32)
+    g_buf = g_buf.contiguous(memory_format=memory_format(buf))
+    return [g_buf, _like(g_scale, scale), _like(g_shift, shift)] + grad_weight
+
+
+# The operators. Fake implementations compute only shapes, dtypes and layouts, exactly as the
+# real ones lay out their outputs; autocast is off inside the real ones (the dtype is explicit).
+
+@torch.library.custom_op("densenet::dense_block", mutates_args=())
+def _dense_block_op(x: Tensor, params: list[Tensor], dtype: torch.dtype, keep_for_backward: bool,
+                    growth_rate: int, bottleneck: bool, training: bool, eps: float,
+                    drop_rate: float, recompute_bottleneck: bool, group_name: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    spec = BlockSpec(growth_rate, bottleneck, training, eps, drop_rate, recompute_bottleneck,
+                     group_name)
+    with torch.autocast(x.device.type, enabled=False):
+        buf, stats, (saved_z, masks) = block_forward(spec, x, params, dtype, keep_for_backward)
+    return (buf, *stats, saved_z, masks)
+
+
+@_dense_block_op.register_fake
+def _(x, params, dtype, keep_for_backward, growth_rate, bottleneck, training, eps, drop_rate,
+      recompute_bottleneck, group_name):
+    spec = BlockSpec(growth_rate, bottleneck, training, eps, drop_rate, recompute_bottleneck,
+                     group_name)
+    n, c_in, height, width = x.shape
+    num_layers = spec.num_layers(params)
+    fmt, sdt = memory_format(x), _stat_dtype(dtype)
+
+    def maps(channels, dtype=dtype):
+        return torch.empty((n, channels, height, width), dtype=dtype, device=x.device,
+                           memory_format=fmt)
+
+    buf = maps(c_in + num_layers * growth_rate)
+    size = buf.shape[1] if training else 0
+    width2 = params[3].shape[0] if bottleneck and training else 0
+    stats = [x.new_empty(size, dtype=sdt), x.new_empty(size, dtype=sdt),
+             x.new_empty((num_layers, width2), dtype=sdt),
+             x.new_empty((num_layers, width2), dtype=sdt)]
+    keep_z = keep_for_backward and bottleneck and not recompute_bottleneck
+    saved_z = [maps(params[2].shape[0]) for _ in range(num_layers)] if keep_z else []
+    keep_masks = keep_for_backward and drop_rate > 0
+    masks = [maps(growth_rate, torch.bool) for _ in range(num_layers)] if keep_masks else []
+    return (buf, *stats, saved_z, masks)
+
+
+@torch.library.custom_op("densenet::dense_block_backward", mutates_args=())
+def _dense_block_backward_op(grad_buf: Tensor, buf: Tensor, invstd: Tensor, z_mean: Tensor,
+                             z_invstd: Tensor, params: list[Tensor], saved_z: list[Tensor],
+                             masks: list[Tensor], x_dtype: torch.dtype, growth_rate: int,
+                             bottleneck: bool, training: bool, eps: float, drop_rate: float,
+                             recompute_bottleneck: bool, group_name: str) -> list[Tensor]:
+    spec = BlockSpec(growth_rate, bottleneck, training, eps, drop_rate, recompute_bottleneck,
+                     group_name)
+    with torch.autocast(buf.device.type, enabled=False):
+        return block_backward(spec, grad_buf, buf, invstd, z_mean, z_invstd, params, saved_z,
+                              masks, x_dtype)
+
+
+@_dense_block_backward_op.register_fake
+def _(grad_buf, buf, invstd, z_mean, z_invstd, params, saved_z, masks, x_dtype, growth_rate,
+      bottleneck, training, eps, drop_rate, recompute_bottleneck, group_name):
+    num_layers = len(params) // (6 if bottleneck else 3)
+    n, c_total, height, width = buf.shape
+    grad_x = torch.empty((n, c_total - num_layers * growth_rate, height, width), dtype=x_dtype,
+                         device=buf.device, memory_format=memory_format(buf))
+    return [grad_x] + [torch.empty_like(p) for p in params]
+
+
+@torch.library.custom_op("densenet::read_buffer", mutates_args=())
+def _read_buffer_op(buf: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | None,
+                    global_pool: bool) -> Tensor:
+    with torch.autocast(buf.device.type, enabled=False):
+        return reader_forward(buf, scale, shift, weight, global_pool)
+
+
+@_read_buffer_op.register_fake
+def _(buf, scale, shift, weight, global_pool):
+    n, _, height, width = buf.shape
+    if global_pool:
+        return buf.new_empty(buf.shape[:2])
+    return torch.empty((n, weight.shape[0], height // 2, width // 2), dtype=buf.dtype,
+                       device=buf.device, memory_format=memory_format(buf))
+
+
+@torch.library.custom_op("densenet::read_buffer_backward", mutates_args=())
+def _read_buffer_backward_op(grad_out: Tensor, buf: Tensor, scale: Tensor, shift: Tensor,
+                             weight: Tensor | None, global_pool: bool) -> list[Tensor]:
+    with torch.autocast(buf.device.type, enabled=False):
+        return reader_backward(grad_out, buf, scale, shift, weight, global_pool)
+
+
+@_read_buffer_backward_op.register_fake
+def _(grad_out, buf, scale, shift, weight, global_pool):
+    grads = [torch.empty_like(buf), torch.empty_like(scale), torch.empty_like(shift)]
+    return grads + ([] if global_pool else [torch.empty_like(weight)])
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "The efficient DenseNet (efficient=True) does not support double backward (gradients of "
+    "gradients, create_graph=True followed by another backward): build the model with "
+    "efficient=False for that; both modes share one state_dict.")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Runs a backward operator; differentiating its result raises DOUBLE_BACKWARD_ERROR."""
+
+    @staticmethod
+    def forward(call, *tensors):
+        return tuple(call(*tensors))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _backward_op(op, *args):
+    """``op(*args)``, recorded by autograd only when a graph of the backward is built
+    (create_graph=True, torch.func transforms), so that double backward fails clearly."""
+    if not torch.is_grad_enabled():
+        return op(*args)
+    flat, spec = pytree.tree_flatten(args)
+    where = [i for i, a in enumerate(flat) if isinstance(a, Tensor)]
+
+    def call(*tensors):
+        values = list(flat)
+        for i, t in zip(where, tensors, strict=True):
+            values[i] = t
+        return op(*pytree.tree_unflatten(values, spec))
+
+    return list(_NoDoubleBackward.apply(call, *(flat[i] for i in where)))
 
 
 class DenseBlockFunction(torch.autograd.Function):
     """A whole dense block as one autograd node; see the module docstring.
 
-    Returns the buffer and, not differentiable, its statistics (see block_forward).
+    ``apply(spec, dtype, x, *params)`` returns the buffer, its statistics (not differentiable;
+    see block_forward) and then the bottleneck outputs and dropout masks kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, spec, x, *params):
-        buf, stats, (saved_z, masks) = block_forward(spec, x, params, keep_for_backward=True)
-        ctx.spec = spec
-        ctx.x_dtype = x.dtype
-        ctx.num_z = len(saved_z)
-        ctx.save_for_backward(buf, *stats, *params, *saved_z, *masks)
-        ctx.mark_non_differentiable(*stats)
-        return (buf, *stats)
+    def forward(spec, dtype, x, *params):
+        buf, mean, invstd, z_mean, z_invstd, saved_z, masks = _dense_block_op(
+            x, list(params), dtype, True, *spec)
+        return (buf, mean, invstd, z_mean, z_invstd, *saved_z, *masks)
 
     @staticmethod
-    def backward(ctx, grad_buf, *unused_stat_grads):
+    def setup_context(ctx, inputs, output):
+        spec, _, x, *params = inputs
+        ctx.spec = spec
+        ctx.x_dtype = x.dtype
+        ctx.num_params = len(params)
+        ctx.num_z = spec.num_layers(params) \
+            if spec.bottleneck and not spec.recompute_bottleneck else 0
+        ctx.save_for_backward(output[0], *output[2:], *params)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_buf, *unused):
         spec = ctx.spec
-        saved = ctx.saved_tensors
-        buf, _, invstd, z_mean_all, z_invstd_all = saved[:5]
-        num_params = spec.num_layers * spec.params_per_layer
-        params = saved[5:5 + num_params]
-        saved_z = saved[5 + num_params:5 + num_params + ctx.num_z]
-        masks = saved[5 + num_params + ctx.num_z:]
-        dtype = buf.dtype
-        k = spec.growth_rate
-        c_in = buf.shape[1] - spec.num_layers * k
-
-        # Accumulates dL/d(buffer) from every reader of each channel.
-        grad = torch.empty_like(buf)
         if grad_buf is None:
-            grad.zero_()
-        else:
-            grad.copy_(grad_buf)
-        param_grads = [None] * num_params
-
-        def channel_grad(lo, hi):
-            """dL/d(features) for channels whose readers are all done."""
-            if spec.training:
-                return _normalized_grad(grad[:, lo:hi], buf[:, lo:hi], invstd[lo:hi], spec.group)
-            return grad[:, lo:hi]
-
-        for j in reversed(range(spec.num_layers)):
-            c = c_in + j * k
-            p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
-            g_new = channel_grad(c, c + k)
-            if spec.drop_rate > 0:
-                g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
-            w1 = p[2].to(dtype)
-            inputs = buf[:, :c]
-            if inputs.device.type == "cpu":
-                # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided
-                # slice; GPU kernels read the slice at full speed, and the copy would add to the
-                # peak memory.
-                inputs = inputs.contiguous(memory_format=memory_format(buf))
-            h = _affine_relu(inputs, p[0], p[1])
-            if spec.bottleneck:
-                z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
-                z_mean = z_mean_all[j] if spec.training else None
-                z_invstd = z_invstd_all[j] if spec.training else None
-                u = _bottleneck_input(spec, z, z_mean, z_invstd, p[3], p[4])
-                g_u, g_w2, _ = _aten.convolution_backward(
-                    g_new, u, p[5].to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                    [True, True, False])
-                g_u = _relu_backward_(g_u, u)
-                del u
-                if spec.training and spec.group is not None:
-                    z_hat = (z - _channel(z_mean)) * _channel(z_invstd)
-                    _, g_scale2, g_shift2 = _affine_backward(g_u, z_hat, p[3])
-                    g_z = _normalized_grad(g_u * _channel(p[3]), z_hat, z_invstd, spec.group)
-                    g_z = g_z.to(dtype)
-                    del z_hat
-                elif spec.training:
-                    # Mixed precision is fine here: statistics and gamma stay in float32.
-                    g_z, g_scale2, g_shift2 = _aten.native_batch_norm_backward(
-                        g_u, z, p[3], None, None, z_mean, z_invstd, True, spec.eps,
-                        [True, True, True])
-                else:
-                    g_z, g_scale2, g_shift2 = _affine_backward(g_u, z, p[3])
-                del g_u, z
-                param_grads[j * 6 + 3] = g_scale2.to(p[3].dtype)
-                param_grads[j * 6 + 4] = g_shift2.to(p[4].dtype)
-                param_grads[j * 6 + 5] = g_w2.to(p[5].dtype)
-                g_out = g_z
-            else:
-                g_out = g_new
-            pad = spec.conv1_padding
-            g_h, g_w1, _ = _aten.convolution_backward(
-                g_out, h, w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
-                [True, True, False])
-            g_h = _relu_backward_(g_h, h)
-            del h, g_out
-            _, g_scale1, g_shift1 = _affine_backward(g_h, inputs, p[0], grad_x=grad[:, :c])
-            del g_h, inputs
-            base = j * spec.params_per_layer
-            param_grads[base] = g_scale1.to(p[0].dtype)
-            param_grads[base + 1] = g_shift1.to(p[1].dtype)
-            param_grads[base + 2] = g_w1.to(p[2].dtype)
-
-        grad_x = channel_grad(0, c_in).to(ctx.x_dtype)
-        return (None, grad_x, *param_grads)
+            return (None, None, None) + (None,) * ctx.num_params
+        buf, invstd, z_mean, z_invstd, *rest = ctx.saved_tensors
+        params = rest[len(rest) - ctx.num_params:]
+        saved_z, masks = rest[:ctx.num_z], rest[ctx.num_z:len(rest) - ctx.num_params]
+        grads = _backward_op(_dense_block_backward_op, grad_buf, buf, invstd, z_mean, z_invstd,
+                             list(params), list(saved_z), list(masks), ctx.x_dtype, *spec)
+        return (None, None, *grads)
 
 
 class ReaderFunction(torch.autograd.Function):
     """A BatchNorm-ReLU reader of a block's buffer, then a pool and an optional 1x1 conv.
 
-    Used for transitions (pool 2x2, then conv: the same as conv-then-pool for a 1x1 conv, at a
-    quarter of the cost) and for the head (global pool, no conv). Saves only the buffer.
+    Used for transitions (pool 2x2, then conv) and for the head (global pool, no conv).
+    Saves only the buffer (and the parameters).
     """
 
     @staticmethod
-    def forward(ctx, global_pool, buf, scale, shift, weight):
-        dtype = buf.dtype
-        h = _affine_relu(buf, scale, shift)
-        pooled = h.mean((2, 3)) if global_pool else F.avg_pool2d(h, 2)
-        out = pooled if weight is None else F.conv2d(pooled, weight.to(dtype))
+    def forward(global_pool, buf, scale, shift, weight):
+        return _read_buffer_op(buf, scale, shift, weight, global_pool)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        global_pool, buf, scale, shift, weight = inputs
         ctx.global_pool = global_pool
         ctx.save_for_backward(buf, scale, shift, weight)
-        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         buf, scale, shift, weight = ctx.saved_tensors
-        dtype = buf.dtype
-        grad_out = grad_out.to(dtype)
-        h = _affine_relu(buf, scale, shift)
-        grad_weight = None
-        if weight is None:
-            g_pooled = grad_out
-        else:
-            pooled = F.avg_pool2d(h, 2)
-            g_pooled, grad_weight, _ = _aten.convolution_backward(
-                grad_out, pooled, weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                1, [True, True, False])
-            grad_weight = grad_weight.to(weight.dtype)
-        if ctx.global_pool:
-            area = h.shape[2] * h.shape[3]
-            g_h = (g_pooled / area)[:, :, None, None].expand_as(h)
-        else:
-            g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True, None)
-        g_h = _relu_backward_(g_h.contiguous(memory_format=memory_format(h)), h)
-        g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale)
-        return None, g_buf, g_scale.to(scale.dtype), g_shift.to(shift.dtype), grad_weight
+        grads = _backward_op(_read_buffer_backward_op, grad_out, buf, scale, shift, weight,
+                             ctx.global_pool)
+        return None, grads[0], grads[1], grads[2], None if weight is None else grads[3]
