@@ -10,18 +10,25 @@ import time
 import torch
 
 
-def saved_tensor_bytes(model, inputs):
+def saved_tensor_bytes(model, inputs, activations_only=False):
     """Bytes of the distinct storages autograd keeps for backward in one forward of ``model``.
 
-    Parameters are counted like any other saved tensor. The forward runs in the model's current
-    mode; the graph is freed before returning.
+    Parameters are counted like any other saved tensor, unless ``activations_only``: then the
+    storages of the model's parameters and of ``inputs`` are left out (what models.memory
+    predicts; a copy of the input made under autocast still counts). The forward runs in the
+    model's current mode; the graph is freed before returning.
     """
     storages = {}
+    excluded = set()
+    if activations_only:
+        excluded = {(t.untyped_storage().data_ptr(), t.device)
+                    for t in [*model.parameters(), inputs]}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), tensor.device)
-        storages[key] = max(storages.get(key, 0), storage.nbytes())
+        if key not in excluded:
+            storages[key] = max(storages.get(key, 0), storage.nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
