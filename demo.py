@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 demo.py ...           # DistributedDataParallel, one process per GPU
     python demo.py --save DIR --resume True ...       # continue an interrupted run
     python demo.py --save DIR --evaluate True         # test error of a saved model
+    python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
 
 Bad input ends with one line "error: ..." on stderr and exit status 2.
 """
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from data import DATASETS, DataError, TensorLoader, load_dataset, split_validation
 from measure import cpu_name
 from models import DenseNet, depth_to_config
+from training.plan import PlanError, run_plan
 
 CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error", "test_error",
                "test_loss", "lr", "epoch_seconds", "images_per_second", "peak_memory_mb"]
@@ -52,7 +54,7 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
          valid_size=5000, n_epochs=300, batch_size=64, lr=0.1, momentum=0.9, wd=1e-4,
          milestones=None, gamma=0.1, seed=None, augment=True, amp="off", channels_last=False,
          sync_bn=False, svhn_extra=False, fake_size=(50000, 10000), download=True,
-         resume=False, evaluate=False):
+         resume=False, evaluate=False, plan=False, memory_budget=None, json=False):
     """Train a DenseNet (defaults: the paper's DenseNet-BC, L=100, k=12 on CIFAR-10).
 
     Uses CUDA when available (every visible GPU through DataParallel), else the CPU; under
@@ -92,15 +94,27 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
         resume: continue the run in --save from its checkpoint.pt (same arguments needed).
         evaluate: no training: evaluate --save's model_best.pt (else checkpoint.pt) on the test
             set, with the configuration it was trained with.
+        plan: no training: print, for this model, batch, --amp and --channels_last, what each
+            memory mode needs (saved for backward, parameters + gradients + momentum, peak of a
+            training step) and what fits the GPU's free memory (on a CPU: the available memory)
+            or --memory_budget: largest batch, deepest network of this growth rate. Predicted
+            by models/memory.py in milliseconds; needs no --data or --save.
+        memory_budget: with --plan, the memory to plan for, such as 8GiB, 1.5GB or 512MiB.
+        json: with --plan, print one JSON object instead of the table.
     """
     args = dict(locals())
+    planning = {name: args.pop(name) for name in ("plan", "memory_budget", "json")}
     try:
+        if planning["plan"] is not False:
+            sys.exit(run_plan({**args, **planning}))
+        if planning["memory_budget"] is not None or planning["json"] is not False:
+            raise UsageError("--memory_budget and --json go with --plan True")
         config = resolve_args(args)
         if config["evaluate"]:
             evaluate_saved(config)
         else:
             train(config)
-    except (UsageError, DataError) as error:
+    except (UsageError, DataError, PlanError) as error:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
