@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 from measure import cpu_name, peak_training_memory, saved_tensor_bytes, time_training_steps
-from models import DenseNet, depth_to_config
+from models import DenseNet, depth_to_config, memory
 
 IMPLEMENTATIONS = ("naive", "efficient", "recompute", "torchvision", "torchvision_me")
 LABELS = {
@@ -31,7 +31,12 @@ LABELS = {
     "torchvision_me": "torchvision memory_efficient",
 }
 CSV_COLUMNS = ["device", "config", "depth", "growth_rate", "image_size", "batch_size", "impl",
-               "amp", "params", "saved_mb", "peak_mb", "forward_ms", "backward_ms", "step_ms"]
+               "amp", "params", "saved_mb", "saved_predicted_mb", "peak_mb", "peak_predicted_mb",
+               "forward_ms", "backward_ms", "step_ms"]
+# The memory model's mode of each implementation (torchvision without checkpoints is naive).
+PLAN_MODES = {"naive": "naive", "torchvision": "naive", "efficient": "efficient",
+              "recompute": "recompute_bottleneck",
+              "torchvision_me": "torchvision_memory_efficient"}
 
 
 def bc_config(depth, growth_rate, batch_size=64):
@@ -72,6 +77,16 @@ def build(impl, config):
             "num_classes", "small_inputs")
     return DenseNet(efficient=impl != "naive", recompute_bottleneck=impl == "recompute",
                     **{k: config[k] for k in keys})
+
+
+def predicted_mb(impl, config, device_type, amp, batch_size=None):
+    """models/memory.py's saved-for-backward and peak MiB of a training step (peak: on CUDA)."""
+    keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
+            "num_classes", "small_inputs", "image_size")
+    net = memory.network(**{k: config[k] for k in keys})
+    n, mode, amp = batch_size or config["batch_size"], PLAN_MODES[impl], "bf16" if amp else "off"
+    return (memory.saved_bytes(net, n, mode, amp, device_type) / 2**20,
+            memory.peak_bytes(net, n, mode, amp, device=device_type) / 2**20)
 
 
 def batch(config, device, batch_size=None):
@@ -140,7 +155,7 @@ def _saved_worker(impl, config, device_name, amp):
     model = build(impl, config).to(device)
     inputs, _ = batch(config, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return saved_tensor_bytes(model, inputs) / 2**20
+        return saved_tensor_bytes(model, inputs, activations_only=True) / 2**20
 
 
 def _fits(impl, config, device_name, batch_size):
@@ -181,6 +196,189 @@ def _search_worker(impl, device_name):
     return largest, None if layers is None else 6 * layers + 4
 
 
+# ------------------------------------------------- CPU search under an address-space limit
+
+SEARCH_IMPLS = ("naive", "torchvision_me", "efficient", "recompute")
+# In the search's child processes: glibc gives every allocation above 128 KiB its own mapping and
+# returns it when freed (its heap would otherwise keep freed tensors' memory, and their address
+# space), and oneDNN keeps no compiled kernels between operations (its cache reserves about
+# 1 MiB of address space, mostly untouched, per kernel: over 0.5 GiB for the deepest networks).
+SEARCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+
+
+def _address_space():
+    """This process's mapped address space (VmSize), in bytes."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _steady_training_step(model, inputs, targets):
+    """One of demo.py's training steps (forward, zero_grad, backward, SGD with Nesterov momentum
+    and weight decay) as from the second step on: gradients and momentum buffers exist."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _limited_step_worker(impl, config, budget):
+    """Build the model and train one steady-state step under an address-space limit of
+    ``budget`` bytes above this process's baseline. Returns (fits, baseline, seconds, error).
+
+    The baseline is the address space once torch is imported and a tiny model of the same
+    implementation has trained a step (libraries, thread pools, kernels loaded), so the budget
+    covers what the planner predicts: parameters, gradients, momentum, the batch, activations.
+    """
+    import resource
+
+    torch.manual_seed(0)
+    tiny = bc_config(10, 4, batch_size=2)
+    _steady_training_step(build(impl, tiny), *batch(tiny, torch.device("cpu")))
+    gc.collect()
+    baseline = _address_space()
+    resource.setrlimit(resource.RLIMIT_AS,
+                       (baseline + budget, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    start = time.perf_counter()
+    try:
+        _steady_training_step(build(impl, config), *batch(config, torch.device("cpu")))
+        return True, baseline, time.perf_counter() - start, ""
+    except (MemoryError, RuntimeError) as error:
+        return False, baseline, time.perf_counter() - start, " ".join(str(error).split())[:160]
+
+
+def _search_near(fits, predicted, limit):
+    """(largest value that fits, smallest that does not) near a predicted threshold, to within
+    max(1, value // 50): the prediction first, then steps away from it that double, then
+    bisection. fits() must hold below some threshold and fail above it; high is None when even
+    ``limit`` fits, low is 0 when not even 1 does."""
+    predicted = min(max(predicted, 1), limit)
+    step = max(1, predicted // 50)
+    if fits(predicted):
+        low, high = predicted, None
+        while high is None:
+            if low >= limit:
+                return low, None
+            candidate = min(low + step, limit)
+            if fits(candidate):
+                low, step = candidate, 2 * step
+            else:
+                high = candidate
+    else:
+        low, high = None, predicted
+        while low is None:
+            if high <= 1:
+                return 0, 1
+            candidate = max(high - step, 1)
+            if fits(candidate):
+                low = candidate
+            else:
+                high, step = candidate, 2 * step
+    while high - low > max(1, low // 50):
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low, high
+
+
+def _probe(impl, config, budget):
+    """Whether a real training step of ``config`` fit ``budget`` (a fresh process); prints."""
+    result = _run_in_fresh_process(_limited_step_worker, impl, config, budget)
+    if result is None:
+        fits, seconds, note = False, None, "the process died"
+    else:
+        fits, _, seconds, note = result
+    took = "" if seconds is None else f" after {seconds:.0f} s"
+    print(f"  {LABELS[impl]}, {config['name']}: {'fits' if fits else 'does not fit'}{took}"
+          f"{'; ' + note if note else ''}", flush=True)
+    return fits
+
+
+def cpu_search(budget, budget_text, out):
+    """Deepest DenseNet-BC (k=12, batch 64) and largest growth rate at depth 100 (batch 64)
+    that really train within ``budget`` bytes on this CPU, per implementation, next to the
+    planner's predictions; writes <out>/memory-search-cpu.md."""
+    from training.plan import deepest, format_bytes, largest_growth_rate
+
+    started = time.time()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    print(f"Search on {machine}; budget {format_bytes(budget)}; torch {torch.__version__}",
+          flush=True)
+    reference = dict(depth_to_config(100, 12), num_classes=10, small_inputs=True,
+                     image_size=32, drop_rate=0.0)
+    results = {}
+    saved_env = {key: os.environ.get(key) for key in SEARCH_ENV}
+    os.environ.update(SEARCH_ENV)  # read by the child processes as they start
+    try:
+        for impl in SEARCH_IMPLS:
+            mode = PLAN_MODES[impl]
+            depth = deepest(reference, True, 64, mode, budget, device="cpu") or 4
+            width = largest_growth_rate(reference, True, 64, mode, budget, device="cpu")
+            print(f"{LABELS[impl]}: predicted deepest BC-{depth}, largest k {width} at depth 100",
+                  flush=True)
+            layers = _search_near(lambda n, impl=impl: _probe(impl, bc_config(6 * n + 4, 12),
+                                                              budget),
+                                  (depth - 4) // 6, 4096)
+            growth = _search_near(lambda k, impl=impl: _probe(impl, bc_config(100, k), budget),
+                                  width, 4096)
+            results[impl] = dict(depth=depth, layers=layers, width=width, growth=growth)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def measured(pair, show):
+        low, high = pair
+        fits = show(low) if low else "nothing"
+        return fits + ("" if high is None else f" (not {show(high)})")
+
+    lines = [f"# What trains in {budget_text} on a CPU: planner against real training steps", "",
+             f"Machine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
+             f"`python benchmark.py {' '.join(sys.argv[1:])}` "
+             f"({(time.time() - started) / 60:.0f} min).", "",
+             "Predicted: models/memory.py via training/plan.py (`demo.py --plan True`). "
+             "Measured: a real training step (demo.py's: forward, backward, SGD with Nesterov "
+             "momentum and weight decay, with the gradients and momentum buffers of a previous "
+             "step; batch 64 of 32x32 images, float32, random data), each "
+             "probe in a fresh process whose address space is limited (RLIMIT_AS) to its "
+             "baseline plus the budget; the baseline is the address space after importing "
+             "torch and training a tiny model of the same implementation. Children run with "
+             f"{', '.join(f'`{k}={v}`' for k, v in SEARCH_ENV.items())} (see SEARCH_ENV in "
+             "benchmark.py). The search starts at the prediction and stops within 2%: "
+             "\"BC-1300 (not BC-1306)\" means BC-1300 trained and BC-1306 did not.", "",
+             "| implementation | deepest DenseNet-BC k=12, batch 64: predicted | measured | "
+             "largest k at depth 100, batch 64: predicted | measured |", "|---|---|---|---|---|"]
+    for impl, r in results.items():
+        lines.append(f"| {LABELS[impl]} | BC-{r['depth']} | "
+                     f"{measured(r['layers'], lambda n: f'BC-{6 * n + 4}')} | k={r['width']} | "
+                     f"{measured(r['growth'], lambda k: f'k={k}')} |")
+    efficient, reference_me = results.get("efficient"), results.get("torchvision_me")
+    if efficient and reference_me and reference_me["layers"][0]:
+        lines += ["", "Efficient / torchvision memory_efficient, deepest depth: predicted "
+                  f"{efficient['depth'] / reference_me['depth']:.2f}x, measured "
+                  f"{(6 * efficient['layers'][0] + 4) / (6 * reference_me['layers'][0] + 4):.2f}x;"
+                  f" largest growth rate: predicted "
+                  f"{efficient['width'] / max(reference_me['width'], 1):.2f}x, measured "
+                  f"{efficient['growth'][0] / max(reference_me['growth'][0], 1):.2f}x."]
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "memory-search-cpu.md")
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines[lines.index("|---|---|---|---|---|") - 1:]))
+    print(f"wrote {path}")
+
+
 def device_description(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -217,7 +415,8 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
                     _saved_worker, impl, config, str(device), amp)
                 continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                figures[impl]["saved_mb"] = saved_tensor_bytes(model, inputs) / 2**20
+                figures[impl]["saved_mb"] = saved_tensor_bytes(
+                    model, inputs, activations_only=True) / 2**20
         if time_it:
             times = time_training_steps(models, inputs, targets, repeats=repeats,
                                         warmup=2 if device.type == "cuda" else 1,
@@ -225,10 +424,13 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
             for impl, t in times.items():
                 figures[impl].update(forward_ms=1e3 * t["forward"],
                                      backward_ms=1e3 * t["backward"], step_ms=1e3 * t["step"])
-        if device.type == "cuda":
-            for impl in impls:
+        for impl in impls:
+            saved, peak = predicted_mb(impl, config, device.type, amp)
+            figures[impl]["saved_predicted_mb"] = saved
+            if device.type == "cuda":
                 figures[impl]["peak_mb"] = _run_in_fresh_process(
                     _peak_worker, impl, config, str(device), amp)
+                figures[impl]["peak_predicted_mb"] = peak
         for impl in impls:
             rows.append(dict(device=device_description(device), config=config["name"],
                              depth=config["depth"], growth_rate=config["growth_rate"],
@@ -242,9 +444,11 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
 def print_rows(rows):
     for row in rows:
         parts = [f"{row['config']:>16} {row['impl']:>15} amp={row['amp']:<4}",
-                 f"saved {fmt(row['saved_mb']):>9} MiB"]
+                 f"saved {fmt(row['saved_mb']):>9} MiB (predicted "
+                 f"{fmt(row['saved_predicted_mb']):>9})"]
         if row.get("peak_mb") is not None:
-            parts.append(f"peak {row['peak_mb']:9.1f} MiB")
+            parts.append(f"peak {row['peak_mb']:9.1f} MiB (predicted "
+                         f"{fmt(row.get('peak_predicted_mb')):>9})")
         if row.get("step_ms") is not None:
             parts.append(f"step {row['step_ms']:9.1f} ms")
         print("  ".join(parts), flush=True)
@@ -256,14 +460,15 @@ def fmt(value, digits=1):
 
 def markdown_table(rows, device_text, extra_lines):
     """One table: each configuration and AMP mode, the figures of every implementation."""
-    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward (MiB); peak = "
-             "peak CUDA memory of a full training step; step = median forward + backward time; "
+    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward, parameters and "
+             "the input excluded (MiB); peak = peak CUDA memory of a full training step; "
+             "predicted = models/memory.py's figure; step = median forward + backward time; "
              "an empty cell was not measured (or did not fit).", ""]
     with_peak = any(r.get("peak_mb") is not None for r in rows)
-    peak_column = " peak MiB |" if with_peak else ""
-    lines.append(f"| config | batch | amp | implementation | saved MiB |{peak_column} step ms | "
-                 "saved vs torchvision m.e. | step vs naive |")
-    lines.append("|---" * (9 if with_peak else 8) + "|")
+    peak_column = " peak MiB | predicted peak |" if with_peak else ""
+    lines.append(f"| config | batch | amp | implementation | saved MiB | predicted saved |"
+                 f"{peak_column} step ms | saved vs torchvision m.e. | step vs naive |")
+    lines.append("|---" * (11 if with_peak else 9) + "|")
     keyed = {(r["config"], r["amp"], r["impl"]): r for r in rows}
     for row in rows:
         reference = keyed.get((row["config"], row["amp"], "torchvision_me"))
@@ -272,9 +477,11 @@ def markdown_table(rows, device_text, extra_lines):
                        if reference and row["saved_mb"] and reference["saved_mb"] else None)
         step_ratio = (row["step_ms"] / naive["step_ms"]
                       if naive and row.get("step_ms") and naive.get("step_ms") else None)
-        peak = f" {fmt(row.get('peak_mb'))} |" if with_peak else ""
+        peak = f" {fmt(row.get('peak_mb'))} | {fmt(row.get('peak_predicted_mb'))} |" \
+            if with_peak else ""
         lines.append(f"| {row['config']} | {row['batch_size']} | {row['amp']} | "
-                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} |{peak} "
+                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} | "
+                     f"{fmt(row.get('saved_predicted_mb'))} |{peak} "
                      f"{fmt(row.get('step_ms'))} | {fmt(saved_ratio, 2)} | {fmt(step_ratio, 2)} |")
     return "\n".join(lines + [""] + extra_lines) + "\n"
 
@@ -317,7 +524,7 @@ def plot(rows, path, device_text):
 
 
 def main(quick=False, device="auto", out="results", repeats=None, amp=None,
-         time_max_depth=None, cpu_max_gb=8.0, search=None):
+         time_max_depth=None, cpu_max_gb=8.0, search=None, memory_budget=None):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Args:
@@ -333,7 +540,12 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
         cpu_max_gb: on CPU, skip configurations whose naive model would save more than this
             (a forward takes about twice that).
         search: on CUDA, find the largest batch (BC-100) and deepest network (batch 64) per
-            implementation by bisection; default True on CUDA without quick.
+            implementation by bisection; default True on CUDA without quick. On a CPU, with
+            --memory_budget and nothing else: the deepest DenseNet-BC (k=12, batch 64) and the
+            largest growth rate at depth 100 that train within the budget, by real training
+            steps under an address-space limit, against the planner's predictions (writes
+            memory-search-cpu.md; an hour or more).
+        memory_budget: the CPU search's budget, such as 8GiB.
     """
     for name, value in [("quick", quick)]:
         if not isinstance(value, bool):
@@ -345,6 +557,19 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     amp_modes = [False, True] if (on_cuda if amp is None else amp) else [False]
     time_max_depth = time_max_depth or (40 if quick else 10**6 if on_cuda else 100)
     search = (on_cuda and not quick) if search is None else search
+    if memory_budget is not None:
+        from training.plan import PlanError, parse_budget
+
+        if not search or on_cuda:
+            raise SystemExit("error: --memory_budget goes with --search True on a CPU")
+        try:
+            budget = parse_budget(memory_budget)
+        except PlanError as error:
+            raise SystemExit(f"error: {error}") from None
+        cpu_search(budget, str(memory_budget), out)
+        return None
+    if search and not on_cuda:
+        raise SystemExit("error: on a CPU, --search True needs --memory_budget (such as 8GiB)")
     configs = quick_configs() if quick else default_configs()
     torch.backends.cudnn.benchmark = True
 
