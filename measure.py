@@ -94,6 +94,54 @@ def peak_training_memory(model, inputs, targets, optimizer=None, autocast_dtype=
     return torch.cuda.max_memory_allocated(device)
 
 
+def cpu_peak_training_memory(model, inputs, targets, autocast_dtype=None):
+    """Peak bytes of tensors alive during one CPU training step, as the CPU allocator sees them.
+
+    The step is demo.py's (forward, zero_grad, backward, SGD with Nesterov momentum and weight
+    decay) in its steady state: the gradients and momentum buffers of a previous step exist.
+    Counts what exists before the step (parameters, gradients, momentum, buffers, the batch)
+    plus the largest net allocation during it, read from the profiler's memory events (the CPU
+    allocator reports every allocation to it). Run it in a fresh process for a clean figure.
+    """
+    from torch._C._profiler import _EventType
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    existing = [*model.parameters(), *model.buffers(), inputs, targets,
+                *(p.grad for p in model.parameters()),
+                *(s["momentum_buffer"] for s in optimizer.state.values())]
+    before = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                  for t in existing}.values())
+    grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profile:
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        with torch.profiler.record_function("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    allocations, freed_at = [], []
+
+    def walk(event):
+        if event.tag == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.extra_fields.total_allocated))
+        elif event.name == "zero_grad":
+            freed_at.append(event.start_time_ns)
+        for child in event.children:
+            walk(child)
+
+    for root in profile.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    # The old gradients were allocated before profiling: the profiler does not see them freed.
+    return before + max(total - (grads if time > freed_at[0] else 0)
+                        for time, total in allocations)
+
+
 def cpu_name():
     """The processor's model name, for naming the machine a figure was measured on."""
     try:
