@@ -67,7 +67,8 @@ def build(impl, config):
         model = torchvision.models.DenseNet(
             growth_rate=config["growth_rate"], block_config=config["block_config"],
             num_init_features=config["num_init_features"], bn_size=config["bn_size"],
-            num_classes=config["num_classes"], memory_efficient=impl == "torchvision_me")
+            num_classes=config["num_classes"], drop_rate=config.get("drop_rate", 0.0),
+            memory_efficient=impl == "torchvision_me")
         if config["small_inputs"]:
             model.features.conv0 = torch.nn.Conv2d(3, config["num_init_features"], 3, padding=1,
                                                    bias=False)
@@ -76,7 +77,7 @@ def build(impl, config):
     keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
             "num_classes", "small_inputs")
     return DenseNet(efficient=impl != "naive", recompute_bottleneck=impl == "recompute",
-                    **{k: config[k] for k in keys})
+                    drop_rate=config.get("drop_rate", 0.0), **{k: config[k] for k in keys})
 
 
 def predicted_mb(impl, config, device_type, amp, batch_size=None):
@@ -379,6 +380,104 @@ def cpu_search(budget, budget_text, out):
     print(f"wrote {path}")
 
 
+# ------------------------------------------------- the memory model against CPU measurements
+
+def _case(impl, depth, k, batch_size, image_size=32, amp=False, channels_last=False,
+          drop_rate=0.0, bc=True, imagenet=None):
+    """A configuration for check_memory_model: DenseNet(-BC) at a depth, or an ImageNet-stem net."""
+    if imagenet:
+        config = dict(name=f"ImageNet-stem {imagenet}", depth=None, num_classes=1000,
+                      small_inputs=False, growth_rate=k, block_config=imagenet,
+                      num_init_features=2 * k, bn_size=4, compression=0.5)
+    else:
+        config = dict(name=f"{'BC-' if bc else 'DenseNet-'}{depth} k={k}", depth=depth,
+                      num_classes=10, small_inputs=True, **depth_to_config(depth, k, bc))
+    return dict(config, impl=impl, batch_size=batch_size, image_size=image_size, amp=amp,
+                channels_last=channels_last, drop_rate=drop_rate)
+
+
+MODEL_CHECK_CASES = [
+    _case("efficient", 40, 12, 16), _case("efficient", 100, 12, 8),
+    _case("efficient", 40, 24, 16, amp=True), _case("efficient", 40, 12, 16, bc=False),
+    _case("efficient", 40, 12, 16, channels_last=True), _case("efficient", 40, 12, 16,
+                                                                drop_rate=0.2),
+    _case("efficient", 64, 32, 4), _case("efficient", 40, 12, 1),
+    _case("efficient", None, 32, 4, 64, imagenet=(6, 12, 24, 16)),
+    _case("recompute", 40, 12, 16), _case("recompute", 148, 12, 4),
+    _case("recompute", 40, 24, 4, amp=True, channels_last=True),
+    _case("naive", 40, 12, 16), _case("naive", 100, 12, 8), _case("naive", 40, 12, 16, bc=False),
+    _case("naive", 52, 16, 8, channels_last=True), _case("naive", 40, 12, 32, 16, drop_rate=0.2),
+    _case("naive", None, 32, 4, 64, imagenet=(6, 12, 24, 16)),
+    _case("torchvision_me", 40, 12, 16), _case("torchvision_me", 100, 12, 8),
+    _case("torchvision_me", 40, 24, 16, amp=True), _case("torchvision_me", 88, 20, 4,
+                                                         drop_rate=0.2),
+    _case("torchvision_me", None, 32, 4, 64, imagenet=(6, 12, 24, 16)),
+]
+
+
+def _model_check_worker(case):
+    """(saved bytes, CPU allocator peak of a training step) of one case, in this process."""
+    from measure import cpu_peak_training_memory
+
+    torch.manual_seed(0)
+    layout = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    model = build(case["impl"], case).train().to(memory_format=layout)
+    inputs, targets = batch(case, torch.device("cpu"))
+    inputs = inputs.contiguous(memory_format=layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["amp"]):
+        saved = saved_tensor_bytes(model, inputs, activations_only=True)
+    dtype = torch.bfloat16 if case["amp"] else None
+    return saved, cpu_peak_training_memory(model, inputs, targets, autocast_dtype=dtype)
+
+
+def check_memory_model(out):
+    """Predicted against measured saved bytes and CPU peak for MODEL_CHECK_CASES, each measured
+    in a fresh process; writes <out>/memory-model-cpu.md."""
+    started = time.time()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    print(f"Memory model check on {machine}; torch {torch.__version__}", flush=True)
+    errors, rows = {"saved": [], "peak": []}, []
+    for case in MODEL_CHECK_CASES:
+        saved, peak = _run_in_fresh_process(_model_check_worker, case)
+        keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
+                "num_classes", "small_inputs", "image_size", "drop_rate")
+        net = memory.network(**{k: case[k] for k in keys})
+        mode, amp = PLAN_MODES[case["impl"]], "bf16" if case["amp"] else "off"
+        predicted_saved = memory.saved_bytes(net, case["batch_size"], mode, amp)
+        predicted_peak = memory.peak_bytes(net, case["batch_size"], mode, amp,
+                                           case["channels_last"])
+        errors["saved"].append(predicted_saved / saved - 1)
+        errors["peak"].append(predicted_peak / peak - 1)
+        row = (f"| {case['name']} | {case['batch_size']} | {amp} | "
+               f"{'channels_last' if case['channels_last'] else 'NCHW'} | {case['drop_rate']:g} "
+               f"| {LABELS[case['impl']]} | {saved / 2**20:.2f} | {predicted_saved / 2**20:.2f} "
+               f"| {100 * errors['saved'][-1]:+.1f}% | {peak / 2**20:.2f} | "
+               f"{predicted_peak / 2**20:.2f} | {100 * errors['peak'][-1]:+.1f}% |")
+        print(row, flush=True)
+        rows.append(row)
+    lines = ["# models/memory.py against measurements on a CPU", "",
+             f"Machine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
+             f"`python benchmark.py {' '.join(sys.argv[1:])}` "
+             f"({(time.time() - started) / 60:.0f} min).", "",
+             "Saved: bytes autograd keeps for backward after a training forward, parameters and "
+             "the input excluded (measure.saved_tensor_bytes with activations_only). Peak: the "
+             "CPU allocator's peak during one training step of demo.py's kind (forward, "
+             "zero_grad, backward, SGD with Nesterov momentum and weight decay, gradients and "
+             "momentum of a previous step present), tensors alive before the step included "
+             "(measure.cpu_peak_training_memory). Each case in a fresh process, 32x32 images "
+             "(64x64 for the ImageNet stem), float32 unless bf16 autocast.", "",
+             "| configuration | batch | amp | layout | dropout | implementation | saved MiB | "
+             "predicted | error | peak MiB | predicted | error |", "|---" * 12 + "|", *rows, "",
+             f"Largest error: saved {100 * max(map(abs, errors['saved'])):.1f}%, peak "
+             f"{100 * max(map(abs, errors['peak'])):.1f}% ({len(MODEL_CHECK_CASES)} cases)."]
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "memory-model-cpu.md")
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print(lines[-1])
+    print(f"wrote {path}")
+
+
 def device_description(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -524,7 +623,8 @@ def plot(rows, path, device_text):
 
 
 def main(quick=False, device="auto", out="results", repeats=None, amp=None,
-         time_max_depth=None, cpu_max_gb=8.0, search=None, memory_budget=None):
+         time_max_depth=None, cpu_max_gb=8.0, search=None, memory_budget=None,
+         check_model=False):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Args:
@@ -546,6 +646,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
             steps under an address-space limit, against the planner's predictions (writes
             memory-search-cpu.md; an hour or more).
         memory_budget: the CPU search's budget, such as 8GiB.
+        check_model: only compare models/memory.py's predicted saved bytes and CPU peak with
+            measurements (a fresh process per case); writes memory-model-cpu.md.
     """
     for name, value in [("quick", quick)]:
         if not isinstance(value, bool):
@@ -557,6 +659,9 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     amp_modes = [False, True] if (on_cuda if amp is None else amp) else [False]
     time_max_depth = time_max_depth or (40 if quick else 10**6 if on_cuda else 100)
     search = (on_cuda and not quick) if search is None else search
+    if check_model is True:
+        check_memory_model(out)
+        return None
     if memory_budget is not None:
         from training.plan import PlanError, parse_budget
 
