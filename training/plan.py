@@ -211,34 +211,31 @@ def table(report, title, device_line, batch_size, depth_kind):
              device_line, ""]
     header = ["mode", "saved", "params+grads+momentum", "peak", "fits", "largest batch",
               f"deepest at batch {batch_size}"]
-    rows = []
+    rows, missing = [header], []
     for name in memory.MODES:
-        figures = report["modes"].get(name)
         label = LABELS[name] + (" (chosen)" if name == report["mode"] else "") + \
             (" (reference)" if name == "torchvision_memory_efficient" else "")
+        figures = report["modes"].get(name)
         if figures is None:
-            rows.append([label, "n/a: needs bottleneck layers"] + [""] * 5)
+            missing.append(label)
             continue
-        fits = {None: "?", True: "yes", False: "no"}[figures["fits"]]
-        largest = "" if figures["largest_batch"] is None else f"{figures['largest_batch']:,}"
         deep = figures["deepest"]
-        deep = "" if report["budget_bytes"] is None or depth_kind is None else \
-            "none" if deep is None else f"{depth_kind}-{deep}"
         rows.append([label, format_bytes(figures["saved_bytes"]),
                      format_bytes(figures["state_bytes"]), format_bytes(figures["peak_bytes"]),
-                     fits, largest, deep])
-    widths = [max(len(str(row[i])) for row in [header] + rows if len(row) > i and
-                  not (row[1].startswith("n/a") and i > 0)) for i in range(len(header))]
-    for row in [header] + rows:
-        if row[1].startswith("n/a"):
-            lines.append(f"{row[0]:<{widths[0]}}  {row[1]}")
-            continue
-        cells = [f"{row[0]:<{widths[0]}}"] + [f"{cell:>{width}}" for cell, width in
-                                               zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join(cells).rstrip())
+                     {None: "?", True: "yes", False: "no"}[figures["fits"]],
+                     "" if figures["largest_batch"] is None else f"{figures['largest_batch']:,}",
+                     "" if report["budget_bytes"] is None or depth_kind is None else
+                     "none" if deep is None else f"{depth_kind}-{deep}"])
+    widths = [max(len(row[i]) for row in rows + [[label] for label in missing] if i < len(row))
+              for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
+                                                             in zip(row[1:], widths[1:],
+                                                                    strict=True)]).rstrip())
+    lines += [f"{label.ljust(widths[0])}  n/a: needs bottleneck layers" for label in missing]
     lines += ["", "saved: what autograd keeps for backward (parameters and the input excluded); "
-              "peak: predicted peak of one training step (forward, backward, SGD step), input "
-              f"batch included; from models/memory.py for {net.image[0]}x{net.image[1]} images."]
+              "peak: predicted peak of one", "training step (forward, backward, SGD step), the "
+              f"input batch included; models/memory.py, {net.image[0]}x{net.image[1]} images."]
     return "\n".join(lines)
 
 
