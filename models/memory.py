@@ -18,8 +18,8 @@ the input excluded (what measure.saved_tensor_bytes(..., activations_only=True) 
     vectors (running mean and variance, batch mean and inverse std); per block its concatenated
     output (C maps); per transition its BatchNorm output (C maps) and conv output (C' maps); norm5's
     ReLU output (C maps) and the pooled features. Dropout keeps a mask of k maps per layer (in the
-    compute dtype on a CPU, 1 byte on CUDA). Under autocast also a d-byte copy of every weight of a
-    convolution or of the classifier.
+    compute dtype on a CPU, 1 byte on CUDA). Under autocast also a d-byte copy of every
+    convolution's weight.
   efficient: per block one buffer of C maps (every channel, normalised), the L bottleneck outputs
     (L*w maps), float32 statistics (2C + 2Lw values) and, with dropout, 1-byte masks (k maps per
     layer). Transitions and the head read the buffer and keep nothing more but the pooled features.
@@ -27,34 +27,40 @@ the input excluded (what measure.saved_tensor_bytes(..., activations_only=True) 
   torchvision memory_efficient=True (checkpoints concat-BatchNorm-ReLU-conv1 in each layer): per
     block the checkpoints' inputs (c_in + (L-1)*k maps: the block input and all new features but
     the last one), per layer the bottleneck output and its BatchNorm output (2w maps), the block
-    output, transitions and head as naive; under autocast the copies of the conv2, transition and
-    classifier weights.
-  Every mode adds the stem's share: under autocast the input's d-byte copy; with the ImageNet stem
-  conv0's output and its BatchNorm output (2 c0 maps at the stem's resolution), the max-pool
-  indices (8 bytes per value of its output) and four BatchNorm vectors.
+    output, transitions and head as naive; under autocast the copies of the conv2 and transition
+    weights.
+  Every mode adds: under autocast d-byte copies of the input, of conv0's and of the classifier's
+  weights; with the ImageNet stem conv0's output and its BatchNorm output (2 c0 maps at the
+  stem's resolution), the max-pool indices (8 bytes per value of its output) and four BatchNorm
+  vectors.
 
 State: parameters, gradients and SGD's momentum buffers, 3P float32 values (12 bytes each).
 
 Peak of a training step (forward, backward, optimizer step): the largest of these moments, each
-plus the input batch and the BatchNorm running statistics.
-  Forward, end of block b: 3P (last step's gradients are still there) + everything saved so far,
+plus the input batch and the BatchNorm running statistics. c = C - k is the last layer's input.
+  Forward, end of block b: 3P (the last step's gradients still exist) + everything saved so far,
     the block's included, + naive and torchvision: the block's list of features (C maps);
     efficient: the block's input (c_in maps) and the last layer's working tensors (c + w maps,
-    c = C - k, and on a CPU its convolution's input reordered to a multiple of 16 channels).
-  Backward, last layer of block b (its widest; autograd still holds everything saved up to and
-    including block b, and gradients exist from block b on): 2P + those gradients +
+    and on a CPU its convolution's input reordered to a multiple of 16 channels).
+  Forward, end: 3P + everything saved.
+  Backward, last layer of block b (its widest): 2P + the gradients of that layer and of all
+    that follows the block + everything saved up to and including block b (for naive and
+    torchvision, the block output's C maps stand for its gradient, which replaced them) +
     efficient (both modes): the buffer's incoming gradient and the gradient it accumulates into
       (2C maps) + the last layer's working tensors: its output's gradient (k), the normalised,
       ReLU'd input and its gradient (2c), the bottleneck's gradient (w) and, on a CPU, a
       contiguous copy of the buffer slice (c) and oneDNN's reordered copies in the 1x1
-      convolution's backward (w, and c rounded up to a multiple of 16 without channels_last);
-    naive and torchvision: the block output's gradient (C), the last layer's input gradients
-      (2c + w) and on a CPU oneDNN's copies (w + c rounded up to 16 channels).
+      convolution's backward (w, and c rounded up to a multiple of 16 unless channels_last;
+      without a bottleneck: no w terms, and oneDNN's copies are k and c rounded up);
+    naive and torchvision: the last layer's input gradients (2c + w) and on a CPU oneDNN's
+      copies (w + c rounded up to a multiple of 16 unless channels_last).
   Optimizer step: 3P + SGD's temporaries with weight decay and Nesterov momentum (on CUDA one
     float32 copy of the gradients, P values; on a CPU two copies of the largest parameter).
 
-Known limits: the CPU terms follow PyTorch's CPU kernels (oneDNN); CUDA predictions leave out
-cuDNN's workspaces and the caching allocator's rounding, and were not checked on a GPU here.
+Known limits: this is tensor memory, as the allocator sees it. A CPU process also needs room for
+oneDNN's compiled kernels and Python's objects (see results/memory-search-cpu.md); the CPU terms
+follow PyTorch's CPU kernels (oneDNN). CUDA predictions leave out cuDNN's workspaces and the
+caching allocator's rounding and fragmentation, and have not been checked on a GPU yet.
 """
 
 import math
