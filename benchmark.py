@@ -9,6 +9,7 @@ Writes results/benchmark-<device>.csv, .md and .png plots (see --out).
 import concurrent.futures
 import csv
 import gc
+import json
 import math
 import multiprocessing
 import os
@@ -291,47 +292,86 @@ def _search_near(fits, predicted, limit):
     return low, high
 
 
-def _probe(impl, config, budget):
-    """Whether a real training step of ``config`` fit ``budget`` (a fresh process); prints."""
-    result = _run_in_fresh_process(_limited_step_worker, impl, config, budget)
-    if result is None:
-        fits, seconds, note = False, None, "the process died"
+def _probe(impl, config, budget, record):
+    """Whether a real training step of ``config`` fits ``budget`` (a fresh process); prints.
+
+    ``record`` maps earlier probes of this search (also of an interrupted run) to outcomes."""
+    key = f"{impl} {config['name']} batch {config['batch_size']} budget {budget}"
+    if key in record:
+        fits, seconds, note = record[key]
+        note = "from an earlier run" + (f"; {note}" if note else "")
     else:
-        fits, _, seconds, note = result
+        result = _run_in_fresh_process(_limited_step_worker, impl, config, budget)
+        if result is None:
+            fits, seconds, note = False, None, "the process died"
+        else:
+            fits, _, seconds, note = result
+        record[key] = [fits, seconds, note]
+        record.save()
     took = "" if seconds is None else f" after {seconds:.0f} s"
     print(f"  {LABELS[impl]}, {config['name']}: {'fits' if fits else 'does not fit'}{took}"
           f"{'; ' + note if note else ''}", flush=True)
     return fits
 
 
+class _Record(dict):
+    """Probe outcomes kept in a JSON file, so that an interrupted search can go on."""
+
+    def __init__(self, path, version):
+        super().__init__()
+        self.path, self.version = path, version
+        if os.path.exists(path):
+            with open(path) as file:
+                stored = json.load(file)
+            if stored.get("version") == version:
+                self.update(stored["probes"])
+        self.reused = len(self)
+
+    def save(self):
+        with open(self.path + ".tmp", "w") as file:
+            json.dump({"version": self.version, "probes": dict(self)}, file, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+
+
 def cpu_search(budget, budget_text, out):
     """Deepest DenseNet-BC (k=12, batch 64) and largest growth rate at depth 100 (batch 64)
     that really train within ``budget`` bytes on this CPU, per implementation, next to the
-    planner's predictions; writes <out>/memory-search-cpu.md."""
+    planner's predictions; writes <out>/memory-search-cpu.md after every answer, and the
+    probes' outcomes to <out>/memory-search-cpu.json (a rerun reuses them)."""
     from training.plan import deepest, format_bytes, largest_growth_rate
 
     started = time.time()
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     print(f"Search on {machine}; budget {format_bytes(budget)}; torch {torch.__version__}",
           flush=True)
+    os.makedirs(out, exist_ok=True)
+    record = _Record(os.path.join(out, "memory-search-cpu.json"),
+                     f"torch {torch.__version__}; {machine}; {SEARCH_ENV}")
     reference = dict(depth_to_config(100, 12), num_classes=10, small_inputs=True,
                      image_size=32, drop_rate=0.0)
-    results = {}
+    predicted = {impl: (deepest(reference, True, 64, PLAN_MODES[impl], budget, device="cpu"),
+                        largest_growth_rate(reference, True, 64, PLAN_MODES[impl], budget,
+                                            device="cpu"))
+                 for impl in SEARCH_IMPLS}
+    found = {}
+    questions = [("depth", impl) for impl in SEARCH_IMPLS] + \
+        [("growth", impl) for impl in SEARCH_IMPLS]
     saved_env = {key: os.environ.get(key) for key in SEARCH_ENV}
     os.environ.update(SEARCH_ENV)  # read by the child processes as they start
     try:
-        for impl in SEARCH_IMPLS:
-            mode = PLAN_MODES[impl]
-            depth = deepest(reference, True, 64, mode, budget, device="cpu") or 4
-            width = largest_growth_rate(reference, True, 64, mode, budget, device="cpu")
-            print(f"{LABELS[impl]}: predicted deepest BC-{depth}, largest k {width} at depth 100",
-                  flush=True)
-            layers = _search_near(lambda n, impl=impl: _probe(impl, bc_config(6 * n + 4, 12),
-                                                              budget),
-                                  (depth - 4) // 6, 4096)
-            growth = _search_near(lambda k, impl=impl: _probe(impl, bc_config(100, k), budget),
-                                  width, 4096)
-            results[impl] = dict(depth=depth, layers=layers, width=width, growth=growth)
+        for question, impl in questions:
+            depth, width = predicted[impl]
+            if question == "depth":
+                print(f"{LABELS[impl]}: predicted deepest BC-{depth}", flush=True)
+                found[question, impl] = _search_near(
+                    lambda n, impl=impl: _probe(impl, bc_config(6 * n + 4, 12), budget, record),
+                    (depth - 4) // 6, 4096)
+            else:
+                print(f"{LABELS[impl]}: predicted largest k {width} at depth 100", flush=True)
+                found[question, impl] = _search_near(
+                    lambda k, impl=impl: _probe(impl, bc_config(100, k), budget, record),
+                    width, 4096)
+            _write_search(out, budget_text, machine, started, predicted, found, record)
     finally:
         for key, value in saved_env.items():
             if value is None:
@@ -339,45 +379,55 @@ def cpu_search(budget, budget_text, out):
             else:
                 os.environ[key] = value
 
-    def measured(pair, show):
-        low, high = pair
+
+def _write_search(out, budget_text, machine, started, predicted, found, record):
+    """memory-search-cpu.md from the answers found so far."""
+
+    def measured(question, impl, show):
+        if (question, impl) not in found:
+            return "(not yet searched)"
+        low, high = found[question, impl]
         fits = show(low) if low else "nothing"
         return fits + ("" if high is None else f" (not {show(high)})")
 
+    reused = f"; {record.reused} probes reused from an interrupted run" if record.reused else ""
     lines = [f"# What trains in {budget_text} on a CPU: planner against real training steps", "",
              f"Machine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
              f"`python benchmark.py {' '.join(sys.argv[1:])}` "
-             f"({(time.time() - started) / 60:.0f} min).", "",
+             f"({(time.time() - started) / 60:.0f} min{reused}).", "",
              "Predicted: models/memory.py via training/plan.py (`demo.py --plan True`). "
              "Measured: a real training step (demo.py's: forward, backward, SGD with Nesterov "
              "momentum and weight decay, with the gradients and momentum buffers of a previous "
-             "step; batch 64 of 32x32 images, float32, random data), each "
-             "probe in a fresh process whose address space is limited (RLIMIT_AS) to its "
-             "baseline plus the budget; the baseline is the address space after importing "
-             "torch and training a tiny model of the same implementation. Children run with "
+             "step; batch 64 of 32x32 images, float32, random data), each probe in a fresh "
+             "process whose address space is limited (RLIMIT_AS) to its baseline plus the "
+             "budget; the baseline is the address space after importing torch and training a "
+             "tiny model of the same implementation. Children run with "
              f"{', '.join(f'`{k}={v}`' for k, v in SEARCH_ENV.items())} (see SEARCH_ENV in "
              "benchmark.py). The search starts at the prediction and stops within 2%: "
-             "\"BC-1300 (not BC-1306)\" means BC-1300 trained and BC-1306 did not.", "",
+             "\"BC-1300 (not BC-1306)\" means BC-1300 trained and BC-1306 did not. Every probe "
+             "is in memory-search-cpu.json.", "",
              "| implementation | deepest DenseNet-BC k=12, batch 64: predicted | measured | "
              "largest k at depth 100, batch 64: predicted | measured |", "|---|---|---|---|---|"]
-    for impl, r in results.items():
-        lines.append(f"| {LABELS[impl]} | BC-{r['depth']} | "
-                     f"{measured(r['layers'], lambda n: f'BC-{6 * n + 4}')} | k={r['width']} | "
-                     f"{measured(r['growth'], lambda k: f'k={k}')} |")
-    efficient, reference_me = results.get("efficient"), results.get("torchvision_me")
-    if efficient and reference_me and reference_me["layers"][0]:
-        lines += ["", "Efficient / torchvision memory_efficient, deepest depth: predicted "
-                  f"{efficient['depth'] / reference_me['depth']:.2f}x, measured "
-                  f"{(6 * efficient['layers'][0] + 4) / (6 * reference_me['layers'][0] + 4):.2f}x;"
-                  f" largest growth rate: predicted "
-                  f"{efficient['width'] / max(reference_me['width'], 1):.2f}x, measured "
-                  f"{efficient['growth'][0] / max(reference_me['growth'][0], 1):.2f}x."]
-    os.makedirs(out, exist_ok=True)
+    for impl, (depth, width) in predicted.items():
+        lines.append(f"| {LABELS[impl]} | BC-{depth} | "
+                     f"{measured('depth', impl, lambda n: f'BC-{6 * n + 4}')} | k={width} | "
+                     f"{measured('growth', impl, lambda k: f'k={k}')} |")
+    if found.get(("depth", "efficient"), (0,))[0] and \
+            found.get(("depth", "torchvision_me"), (0,))[0]:
+        ratio = (6 * found["depth", "efficient"][0] + 4) / \
+            (6 * found["depth", "torchvision_me"][0] + 4)
+        lines += ["", "Deepest network, efficient / torchvision memory_efficient: predicted "
+                  f"{predicted['efficient'][0] / predicted['torchvision_me'][0]:.2f}x, "
+                  f"measured {ratio:.2f}x."]
+    if found.get(("growth", "efficient"), (0,))[0] and \
+            found.get(("growth", "torchvision_me"), (0,))[0]:
+        lines += ["", "Largest growth rate, efficient / torchvision memory_efficient: predicted "
+                  f"{predicted['efficient'][1] / predicted['torchvision_me'][1]:.2f}x, measured "
+                  f"{found['growth', 'efficient'][0] / found['growth', 'torchvision_me'][0]:.2f}x."]
     path = os.path.join(out, "memory-search-cpu.md")
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
-    print("\n".join(lines[lines.index("|---|---|---|---|---|") - 1:]))
-    print(f"wrote {path}")
+    print(f"wrote {path}", flush=True)
 
 
 # ------------------------------------------------- the memory model against CPU measurements
