@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 
 import fire
@@ -221,7 +222,7 @@ def _steady_training_step(model, inputs, targets):
     """One of demo.py's training steps (forward, zero_grad, backward, SGD with Nesterov momentum
     and weight decay) as from the second step on: gradients and momentum buffers exist."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4)
+                                weight_decay=1e-4, foreach=True)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
         optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
@@ -391,21 +392,21 @@ def _write_search(out, budget_text, machine, started, predicted, found, record):
         return fits + ("" if high is None else f" (not {show(high)})")
 
     reused = f"; {record.reused} probes reused from an interrupted run" if record.reused else ""
+    env = ", ".join(f"`{key}={value}`" for key, value in SEARCH_ENV.items())
     lines = [f"# What trains in {budget_text} on a CPU: planner against real training steps", "",
              f"Machine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
              f"`python benchmark.py {' '.join(sys.argv[1:])}` "
              f"({(time.time() - started) / 60:.0f} min{reused}).", "",
              "Predicted: models/memory.py via training/plan.py (`demo.py --plan True`). "
-             "Measured: a real training step (demo.py's: forward, backward, SGD with Nesterov "
-             "momentum and weight decay, with the gradients and momentum buffers of a previous "
-             "step; batch 64 of 32x32 images, float32, random data), each probe in a fresh "
-             "process whose address space is limited (RLIMIT_AS) to its baseline plus the "
-             "budget; the baseline is the address space after importing torch and training a "
-             "tiny model of the same implementation. Children run with "
-             f"{', '.join(f'`{k}={v}`' for k, v in SEARCH_ENV.items())} (see SEARCH_ENV in "
-             "benchmark.py). The search starts at the prediction and stops within 2%: "
-             "\"BC-1300 (not BC-1306)\" means BC-1300 trained and BC-1306 did not. Every probe "
-             "is in memory-search-cpu.json.", "",
+             "Measured: a real training step (demo.py's on a CPU: forward, backward, foreach "
+             "SGD with Nesterov momentum and weight decay, with the gradients and momentum "
+             "buffers of a previous step; batch 64 of 32x32 images, float32, random data), each "
+             "probe in a fresh process whose address space is limited (RLIMIT_AS) to its "
+             "baseline plus the budget; the baseline is the address space after importing torch "
+             f"and training a tiny model of the same implementation. Children run with {env} "
+             "(see SEARCH_ENV in benchmark.py). The search starts at the prediction and stops "
+             "within 2%: \"BC-1300 (not BC-1306)\" means BC-1300 trained and BC-1306 did not. "
+             "Every probe is in memory-search-cpu.json.", "",
              "| implementation | deepest DenseNet-BC k=12, batch 64: predicted | measured | "
              "largest k at depth 100, batch 64: predicted | measured |", "|---|---|---|---|---|"]
     for impl, (depth, width) in predicted.items():
@@ -510,9 +511,9 @@ def check_memory_model(out):
              f"`python benchmark.py {' '.join(sys.argv[1:])}` "
              f"({(time.time() - started) / 60:.0f} min).", "",
              "Saved: bytes autograd keeps for backward after a training forward, parameters and "
-             "the input excluded (measure.saved_tensor_bytes with activations_only). Peak: the "
-             "CPU allocator's peak during one training step of demo.py's kind (forward, "
-             "zero_grad, backward, SGD with Nesterov momentum and weight decay, gradients and "
+             "the input excluded (measure.saved_tensor_bytes with activations_only). Peak: the CPU"
+             " allocator's peak during one training step of demo.py's kind (forward, zero_grad, "
+             "backward, foreach SGD with Nesterov momentum and weight decay, gradients and "
              "momentum of a previous step present), tensors alive before the step included "
              "(measure.cpu_peak_training_memory). Each case in a fresh process, 32x32 images "
              "(64x64 for the ImageNet stem), float32 unless bf16 autocast.", "",
@@ -672,7 +673,7 @@ def plot(rows, path, device_text):
     plt.close(fig)
 
 
-def main(quick=False, device="auto", out="results", repeats=None, amp=None,
+def main(quick=False, device="auto", out=None, repeats=None, amp=None,
          time_max_depth=None, cpu_max_gb=8.0, search=None, memory_budget=None,
          check_model=False):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
@@ -681,7 +682,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
         quick: a small run (saved bytes at BC-40 and BC-100, times at BC-40, batch 32) that
             finishes within a minute on a CPU.
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
-        out: folder for benchmark-<device>.csv/.md/.png.
+        out: folder for benchmark-<device>.csv/.md/.png; default results/, or with quick a
+            new temporary folder (quick figures are a check, not results).
         repeats: timed repetitions per implementation (median reported); default 5 on CPU,
             10 on CUDA, 2 with quick.
         amp: also measure under bf16 autocast; default True on CUDA, False on CPU.
@@ -710,18 +712,19 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     time_max_depth = time_max_depth or (40 if quick else 10**6 if on_cuda else 100)
     search = (on_cuda and not quick) if search is None else search
     if check_model is True:
-        check_memory_model(out)
+        check_memory_model(out or "results")
         return None
     if memory_budget is not None:
-        from training.plan import PlanError, parse_budget
+        from training.errors import UsageError
+        from training.plan import parse_budget
 
         if not search or on_cuda:
             raise SystemExit("error: --memory_budget goes with --search True on a CPU")
         try:
             budget = parse_budget(memory_budget)
-        except PlanError as error:
+        except UsageError as error:
             raise SystemExit(f"error: {error}") from None
-        cpu_search(budget, str(memory_budget), out)
+        cpu_search(budget, str(memory_budget), out or "results")
         return None
     if search and not on_cuda:
         raise SystemExit("error: on a CPU, --search True needs --memory_budget (such as 8GiB)")
@@ -758,6 +761,8 @@ def main(quick=False, device="auto", out="results", repeats=None, amp=None,
     extra.append(f"Command: `{command.strip()}`; torch {torch.__version__}; "
                  f"{time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s.")
 
+    if out is None:
+        out = tempfile.mkdtemp(prefix="benchmark-quick-") if quick else "results"
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"benchmark-{device_slug(device)}" + ("-quick" if quick else ""))
     with open(stem + ".csv", "w", newline="") as f:

@@ -97,8 +97,8 @@ def peak_training_memory(model, inputs, targets, optimizer=None, autocast_dtype=
 def cpu_peak_training_memory(model, inputs, targets, autocast_dtype=None):
     """Peak bytes of tensors alive during one CPU training step, as the CPU allocator sees them.
 
-    The step is demo.py's (forward, zero_grad, backward, SGD with Nesterov momentum and weight
-    decay) in its steady state: the gradients and momentum buffers of a previous step exist.
+    The step is demo.py's (forward, zero_grad, backward, foreach SGD with Nesterov momentum and
+    weight decay) in its steady state: the gradients and momentum of a previous step exist.
     Counts what exists before the step (parameters, gradients, momentum, buffers, the batch)
     plus the largest net allocation during it, read from the profiler's memory events (the CPU
     allocator reports every allocation to it). Run it in a fresh process for a clean figure.
@@ -106,7 +106,7 @@ def cpu_peak_training_memory(model, inputs, targets, autocast_dtype=None):
     from torch._C._profiler import _EventType
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4)
+                                weight_decay=1e-4, foreach=True)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
         optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)

@@ -30,8 +30,9 @@ def plot(*runs, out=None, log_error=False, smooth=0, splits="train,valid,test", 
     """Draw loss and top-1 error (%) against epoch for one or more training runs.
 
     One figure with two panels (loss; error in %). Runs are overlaid with one colour per run and
-    one line style per split. The best validation and test errors are marked with their value and
-    epoch, and dotted vertical lines show where the learning rate dropped (from the lr column).
+    one line style per split. The best validation and test errors are marked on the curves, with
+    their value and epoch in the legend beside the panels (where no label can overlap another),
+    and dotted vertical lines show where the learning rate dropped (from the lr column).
     Works on a run still in progress (an unfinished last line is ignored) and on the older CSV
     layout of gpleiss' demo (its final test error is marked at the last epoch as "final test").
 
@@ -179,12 +180,11 @@ def draw(loaded, splits, log_error, smooth, title):
     loss_axes, error_axes = figure.subplots(1, 2)
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
     any_lr_drop = False
-    # Annotations in the right half of the x range point left, so that they stay inside.
-    middle_epoch = (min(frame.index.min() for _, frame, _ in loaded)
-                    + max(frame.index.max() for _, frame, _ in loaded)) / 2
-    for index, (_, frame, final_test) in enumerate(loaded):
+    run_handles = []  # per run: its name, then one entry per marked error
+    for index, (name, frame, final_test) in enumerate(loaded):
         color = colors[index % len(colors)]
         last_epoch = frame.index.max()
+        run_handles.append(Line2D([], [], color=color, linewidth=2.5, label=name))
         for split in splits:
             for axes, column, scale in ((loss_axes, f"{split}_loss", 1),
                                         (error_axes, f"{split}_error", 100)):
@@ -202,12 +202,12 @@ def draw(loaded, splits, log_error, smooth, title):
                 axes.plot(values.index, values, linewidth=1.6, **style)
                 if column in ("valid_error", "test_error"):
                     best_epoch = frame[column].idxmin()  # raw values, also when smoothing
-                    mark(error_axes, best_epoch, frame[column][best_epoch] * 100,
-                         f"best {split}", color, index, below=split == "test",
-                         right_half=best_epoch > middle_epoch)
+                    run_handles.append(mark(error_axes, best_epoch,
+                                            frame[column][best_epoch] * 100, f"best {split}",
+                                            color))
         if final_test is not None and "test" in splits:
-            mark(error_axes, last_epoch, final_test * 100, "final test", color, index,
-                 below=True, right_half=last_epoch > middle_epoch)
+            run_handles.append(mark(error_axes, last_epoch, final_test * 100, "final test",
+                                    color))
         if "lr" in frame:
             lr = frame["lr"].dropna()
             # A drop at epoch e means epoch e ran with the lower rate: draw it where e starts.
@@ -233,25 +233,22 @@ def draw(loaded, splits, log_error, smooth, title):
         split_handles.append(Line2D([], [], color="0.3", linestyle=":", label="lr drop"))
     loss_axes.legend(handles=split_handles, loc="upper right", fontsize=9,
                      title=f"{smooth}-epoch moving average" if smooth > 1 else None)
-    run_handles = [Line2D([], [], color=colors[index % len(colors)], linewidth=2.5, label=name)
-                   for index, (name, _, _) in enumerate(loaded)]
-    error_axes.legend(handles=run_handles, loc="best", fontsize=9)
+    # Outside the panels, so that no label can cover a curve or another label.
+    figure.legend(handles=run_handles, loc="outside right upper", fontsize=9)
     if title:
         figure.suptitle(title)
     return figure
 
 
-def mark(axes, epoch, error_percent, what, color, run_index, below, right_half):
-    """Mark one error value with a marker and an annotation saying the value and epoch."""
-    axes.plot([epoch], [error_percent], marker="v" if below else "o", markersize=8, color=color,
-              markeredgecolor="black", linestyle="none", zorder=5)
-    offset_y = (12 + 14 * run_index) * (-1 if below else 1)
-    axes.annotate(f"{what} {error_percent:.2f}% (epoch {epoch:g})", (epoch, error_percent),
-                  xytext=(-10 if right_half else 10, offset_y), textcoords="offset points",
-                  ha="right" if right_half else "left", va="center", fontsize=8,
-                  bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": color,
-                        "alpha": 0.85},
-                  arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.8}, zorder=6)
+MARKERS = {"best valid": "o", "best test": "v", "final test": "s"}
+
+
+def mark(axes, epoch, error_percent, what, color):
+    """Mark one error value on the curve; return its legend entry (value and epoch)."""
+    (marker,) = axes.plot([epoch], [error_percent], marker=MARKERS[what], markersize=8,
+                          color=color, markeredgecolor="black", linestyle="none", zorder=5,
+                          label=f"{what} {error_percent:.2f}% (epoch {epoch:g})")
+    return marker
 
 
 def save_atomically(figure, out):

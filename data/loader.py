@@ -105,7 +105,15 @@ class TensorLoader:
         return -(-self.per_rank // self.batch_size)
 
     def __iter__(self):
-        # Everything random for the epoch is drawn here, at iter(), for all N images.
+        return self.epoch()
+
+    def epoch(self, skip=0):
+        """An epoch's batches, starting after the first `skip` of them (to resume mid-epoch).
+
+        Everything random for the epoch is drawn here, for all N images, skipped or not, so
+        the batches after `skip` are the ones an uninterrupted epoch yields there."""
+        if not _is_int(skip) or not 0 <= skip <= len(self):
+            raise ValueError(f"skip must be an integer from 0 to {len(self)}, got {skip!r}")
         count = len(self.images)
         if self.shuffle:
             order = torch.randperm(count, generator=self.generator)
@@ -120,10 +128,10 @@ class TensorLoader:
             if self.flip:
                 flips = torch.randint(0, 2, (count,), generator=self.generator).bool()
             offsets, flips = offsets[positions].to(self.device), flips[positions].to(self.device)
-        return self._batches(index, offsets, flips)
+        return self._batches(index, offsets, flips, skip)
 
-    def _batches(self, index, offsets, flips):
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+    def _batches(self, index, offsets, flips, skip):
+        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
             stop = start + self.batch_size
             batch_index = index[start:stop]
             images = self.images.index_select(0, batch_index)  # much faster than images[index]

@@ -54,8 +54,9 @@ plus the input batch and the BatchNorm running statistics. c = C - k is the last
       without a bottleneck: no w terms, and oneDNN's copies are k and c rounded up);
     naive and torchvision: the last layer's input gradients (2c + w) and on a CPU oneDNN's
       copies (w + c rounded up to a multiple of 16 unless channels_last).
-  Optimizer step: 3P + SGD's temporaries with weight decay and Nesterov momentum (on CUDA one
-    float32 copy of the gradients, P values; on a CPU two copies of the largest parameter).
+  Optimizer step (demo.py's SGD with Nesterov momentum and weight decay): 3P, + P on a CPU
+    (the foreach implementation adds the weight decay to a copy of the gradients; CUDA's fused
+    one works in place).
 
 Known limits: this is tensor memory, as the allocator sees it. A CPU process also needs room for
 oneDNN's compiled kernels and Python's objects (see results/memory-search-cpu.md); the CPU terms
@@ -326,14 +327,7 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
             found[f"forward, block {i + 1}"] = forward + b.c_out * m
         held += block + after
     found["forward, end"] = fixed + 3 * FLOAT * p + held
-    if cpu:
-        largest = max([3 * net.num_init_features * (9 if net.small_inputs else 49),
-                       net.features * net.num_classes] +
-                      [b.c_out * t for b, t in zip(net.blocks[:-1], net.transitions, strict=True)] +
-                      [max((b.c_out - k) * w, 9 * w * k) if w else 9 * k * (b.c_out - k)
-                       for b in net.blocks])
-        temporaries = 2 * FLOAT * largest
-    else:
-        temporaries = FLOAT * p
-    found["optimizer step"] = fixed + 3 * FLOAT * p + temporaries
+    # demo.py's SGD: foreach on a CPU (weight decay adds to a copy of the gradients), fused on
+    # CUDA (in place).
+    found["optimizer step"] = fixed + (4 if cpu else 3) * FLOAT * p
     return found if moments else max(found.values())

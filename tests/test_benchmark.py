@@ -1,6 +1,8 @@
 """benchmark.py --quick: runs end to end and its figures are sane."""
 
 import csv
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_writes_sane_figures(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "benchmark.py", "--quick", "True", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_quick_benchmark_writes_sane_figures_outside_the_checkout():
+    results_before = sorted((ROOT / "results").rglob("*"))
+    result = subprocess.run([sys.executable, "benchmark.py", "--quick", "True"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    stem = tmp_path / "benchmark-cpu-quick"
+    assert sorted((ROOT / "results").rglob("*")) == results_before
+    stem = Path(re.search(r"^wrote (\S+)\.csv, \.md, \.png$", result.stdout, re.M).group(1))
+    assert stem.name == "benchmark-cpu-quick"
+    assert not stem.is_relative_to(ROOT)
     rows = list(csv.DictReader(open(f"{stem}.csv")))
     assert {r["impl"] for r in rows} == {"naive", "efficient", "recompute", "torchvision",
                                          "torchvision_me"}
@@ -29,6 +34,7 @@ def test_quick_benchmark_writes_sane_figures(tmp_path):
     table = open(f"{stem}.md").read()
     assert "efficient (this project)" in table and "Command:" in table
     assert open(f"{stem}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    shutil.rmtree(stem.parent)
 
 
 def test_largest_finds_the_threshold_by_doubling_and_bisection():

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 import demo
+from training.checkpoint import CHECKPOINT_KEYS
+from training.run_folder import CSV_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "cifar10-subset"
@@ -66,8 +68,11 @@ def without_timing(rows):
 
 
 def snapshot(folder):
-    """Name -> sha256 of every file in folder, to show nothing was touched."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
+    """Name -> sha256 of every file in folder, to show nothing was touched.
+
+    .lock is left out: each process that takes the lock writes its PID there."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()
+            if p.name != ".lock"}
 
 
 def load(path):
@@ -88,9 +93,10 @@ def fake_run(tmp_path_factory):
 def test_fake_run_writes_config_csv_checkpoints_and_summary(fake_run):
     save, result = fake_run
     assert {p.name for p in save.iterdir()} == {"config.json", "results.csv", "checkpoint.pt",
-                                                 "model_best.pt", "summary.json"}
+                                                 "model_best.pt", "summary.json", "log.txt",
+                                                 ".lock"}
     with open(save / "results.csv") as file:
-        assert file.readline().strip() == ",".join(demo.CSV_COLUMNS)
+        assert file.readline().strip() == ",".join(CSV_COLUMNS)
     rows = read_rows(save)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert [float(row["lr"]) for row in rows] == [0.1, pytest.approx(0.01)]  # milestone 1
@@ -99,10 +105,19 @@ def test_fake_run_writes_config_csv_checkpoints_and_summary(fake_run):
             assert 0 <= float(row[column]) <= 1
         assert float(row["train_loss"]) > 0 and float(row["images_per_second"]) > 0
         assert row["peak_memory_mb"] == ""  # CPU
-    # Not a terminal: one plain line per epoch, then the final test error.
+    # Not a terminal: the start-up block, progress lines, a line per epoch, the final error.
     lines = result.stdout.strip().splitlines()
-    assert [line.split()[1] for line in lines[:2]] == ["1/2", "2/2"]
-    assert lines[2].startswith("final test error")
+    assert [line.split()[0] for line in lines[:6]] == ["run", "device", "torch", "model", "data",
+                                                       "schedule"]
+    assert "(new run)" in lines[0] and str(save) in lines[0]
+    assert "2,666 parameters" in lines[3] and "160 training, 32 validation, 48 test" in lines[4]
+    epoch_lines = [line for line in lines if line.startswith("epoch") and " lr " in line]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
+    assert lines[-1].startswith("final test error")
+    # log.txt holds everything that was printed, after a line naming the process.
+    logged = (save / "log.txt").read_text().splitlines()
+    assert logged[0].startswith("---- ") and "PID" in logged[0]
+    assert logged[1:] == lines
 
     config = json.loads((save / "config.json").read_text())
     assert config["depth"] == 10 and config["compression"] == 0.5 and config["bc"] is True
@@ -111,7 +126,7 @@ def test_fake_run_writes_config_csv_checkpoints_and_summary(fake_run):
     assert config["environment"]["torch"] == torch.__version__
 
     checkpoint = load(save / "checkpoint.pt")
-    assert demo.CHECKPOINT_KEYS <= checkpoint.keys()
+    assert CHECKPOINT_KEYS <= checkpoint.keys()
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["depth"] == 10
     assert not any(key.startswith("module.") for key in checkpoint["model"])
     assert "features.denseblock1.denselayer1.conv1.weight" in checkpoint["model"]
@@ -124,7 +139,7 @@ def test_fake_run_writes_config_csv_checkpoints_and_summary(fake_run):
     assert summary["model"] == "best" and summary["epoch"] == best["epoch"]
     best_row = rows[best["epoch"] - 1]
     assert summary["test_error"] == pytest.approx(float(best_row["test_error"]), abs=1e-6)
-    assert f"{summary['test_error']:.4f}" in lines[2]
+    assert f"{summary['test_error']:.4f}" in lines[-1]
 
 
 def test_evaluate_prints_the_saved_models_test_error(fake_run):
@@ -241,13 +256,13 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
     save = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(ROOT / "demo.py"),
-               *tiny_args(save, fake_size="128,32")]
+               *tiny_args(save, fake_size="128,32", valid_size=16)]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     rows = read_rows(save)
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    # 128 - 32 validation images: each process trains on 48 of them per epoch.
+    # 128 - 16 validation images: each process trains on 56 of them per epoch.
     config = json.loads((save / "config.json").read_text())
     assert config["environment"]["world_size"] == 2
     checkpoint = load(save / "checkpoint.pt")

@@ -11,7 +11,8 @@ import pytest
 
 import demo
 from models import depth_to_config, memory
-from training.plan import PlanError, machine_memory, parse_budget, plan
+from training.errors import UsageError
+from training.plan import machine_memory, parse_budget, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -131,7 +132,7 @@ def test_parse_budget():
     assert parse_budget("2e9") == 2_000_000_000
     assert parse_budget(4096) == 4096
     for bad in ("", "GiB", "8 GiBs", "-1GiB", "0", True, None, "1.2.3GB"):
-        with pytest.raises(PlanError):
+        with pytest.raises(UsageError):
             parse_budget(bad)
 
 

@@ -276,3 +276,30 @@ def test_bad_input_gives_one_error_line(tmp_path, run_plot, case):
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(tmp_path.rglob("*")) == before  # no image, no temporary file left
+
+
+def test_no_label_overlaps_another(tmp_path):
+    """Best and final marks at the same, last epoch for several runs: every text stays apart."""
+    from matplotlib.text import Text
+
+    import plot
+
+    rows = [f"{epoch:03d},{2.0 - 0.1 * epoch:.4f},{0.5 - 0.02 * epoch:.4f},"
+            f"{2.1 - 0.1 * epoch:.4f},{0.55 - 0.02 * epoch:.4f},{0.56 - 0.02 * epoch:.4f}"
+            for epoch in range(1, 11)]
+    runs = [write_csv(tmp_path / name, [*rows, ",,,,,0.3500"], header=GPLEISS_HEADER)
+            for name in ("first", "second", "third")]
+    loaded = [(run.name, *plot.read_results(run / "results.csv")) for run in runs]
+    figure = plot.draw(loaded, list(plot.SPLITS), log_error=False, smooth=0, title="overlap")
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    ticks = {id(label) for axes in figure.axes for axis in (axes.xaxis, axes.yaxis)
+             for label in axis.get_ticklabels(which="both")}  # laid out by matplotlib itself
+    boxes = [(text.get_text(), text.get_window_extent(renderer))
+             for text in figure.findobj(Text)
+             if text.get_visible() and text.get_text().strip() and id(text) not in ticks]
+    marks = [label for label, _ in boxes if label.startswith(("best", "final"))]
+    assert len(marks) == 9  # best valid, best test and final test of each of the three runs
+    for i, (label, box) in enumerate(boxes):
+        for other, other_box in boxes[i + 1:]:
+            assert not box.overlaps(other_box), (label, other)

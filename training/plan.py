@@ -13,6 +13,8 @@ import re
 
 from models import depth_to_config, memory
 
+from .errors import UsageError
+
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fake": 10}
 LABELS = {
     "naive": "naive",
@@ -28,22 +30,18 @@ MAX_LAYERS = 2**20  # per block, in the search for the deepest network (never re
 MAX_BATCH = 2**40
 
 
-class PlanError(ValueError):
-    """Bad input to the planner, said in one line."""
-
-
 def parse_budget(value):
     """Bytes from a budget such as 8GiB, 1.5GB, 512MiB, 8G (binary) or a number of bytes."""
     text = str(value).strip()
     match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-zA-Z]*)", text)
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)) or not match \
             or match.group(3).lower() not in UNITS:
-        raise PlanError(f"--memory_budget must be a size such as 8GiB, 1.5GB or 512MiB, "
+        raise UsageError(f"--memory_budget must be a size such as 8GiB, 1.5GB or 512MiB, "
                         f"got {value!r}")
     number = float(match.group(1)) * 10 ** int(match.group(2) or 0)
     size = int(number * UNITS[match.group(3).lower()])
     if size < 1 or not math.isfinite(number):
-        raise PlanError(f"--memory_budget must be a positive size, got {value!r}")
+        raise UsageError(f"--memory_budget must be a positive size, got {value!r}")
     return size
 
 
@@ -173,7 +171,7 @@ def plan(architecture, batch_size=64, amp="off", channels_last=False, mode="effi
     try:
         net = memory.network(**architecture)
     except (TypeError, ValueError) as error:
-        raise PlanError(str(error)) from None
+        raise UsageError(str(error)) from None
     options = dict(amp=amp, channels_last=channels_last, device=device)
     report = {"parameters": memory.parameters(net), "macs_per_image": memory.macs_per_image(net),
               "state_bytes": memory.state_bytes(net), "modes": {}, "budget_bytes": budget,
@@ -241,39 +239,39 @@ def table(report, title, device_line, batch_size, depth_kind):
 
 def _boolean(config, name):
     if not isinstance(config[name], bool):
-        raise PlanError(f"--{name} must be True or False, got {config[name]!r}")
+        raise UsageError(f"--{name} must be True or False, got {config[name]!r}")
     return config[name]
 
 
 def run_plan(config):
     """``demo.py --plan True``: check the arguments the plan needs, print the plan (a table, or
-    JSON with --json True). Returns the exit status; raises PlanError on bad input."""
+    JSON with --json True). Returns the exit status; raises UsageError on bad input."""
     for name in ("plan", "json", "bc", "efficient", "recompute_bottleneck", "channels_last"):
         _boolean(config, name)
     if config["dataset"] not in NUM_CLASSES:
-        raise PlanError(f"unknown --dataset {config['dataset']!r}; choose one of "
+        raise UsageError(f"unknown --dataset {config['dataset']!r}; choose one of "
                         f"{', '.join(NUM_CLASSES)}")
     for name in ("depth", "growth_rate", "batch_size"):
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PlanError(f"--{name} must be an integer >= 1, got {value!r}")
+            raise UsageError(f"--{name} must be an integer >= 1, got {value!r}")
     if config["amp"] not in memory.COMPUTE_BYTES:
-        raise PlanError(f"--amp must be one of {', '.join(memory.COMPUTE_BYTES)}, "
+        raise UsageError(f"--amp must be one of {', '.join(memory.COMPUTE_BYTES)}, "
                         f"got {config['amp']!r}")
     bc = config["bc"]
     try:
         architecture = depth_to_config(config["depth"], config["growth_rate"], bc)
     except ValueError as error:
-        raise PlanError(str(error)) from None
+        raise UsageError(str(error)) from None
     for name, default in (("compression", architecture["compression"]), ("drop_rate", 0.0)):
         value = default if config[name] is None else config[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PlanError(f"--{name} must be a number, got {value!r}")
+            raise UsageError(f"--{name} must be a number, got {value!r}")
         architecture[name] = value
     architecture.update(num_classes=NUM_CLASSES[config["dataset"]], small_inputs=True,
                         image_size=32)
     if config["recompute_bottleneck"] and not (config["efficient"] and bc):
-        raise PlanError("--recompute_bottleneck True needs --efficient True and --bc True")
+        raise UsageError("--recompute_bottleneck True needs --efficient True and --bc True")
     mode = "naive" if not config["efficient"] else \
         "recompute_bottleneck" if config["recompute_bottleneck"] else "efficient"
 
@@ -288,7 +286,7 @@ def run_plan(config):
                    channels_last=config["channels_last"], mode=mode, device=device, bc=bc)
     report = plan(architecture, budget=budget, **options)
     if config["memory_budget"] is not None and budget < 4 * report["parameters"]:
-        raise PlanError(f"--memory_budget {config['memory_budget']} ({format_bytes(budget)}) is "
+        raise UsageError(f"--memory_budget {config['memory_budget']} ({format_bytes(budget)}) is "
                         f"smaller than the parameters alone "
                         f"({format_bytes(4 * report['parameters'])})")
     if config["json"]:

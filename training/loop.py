@@ -1,0 +1,270 @@
+"""A whole training run: set-up, epochs of steps, per-epoch evaluation, checkpoints, summary.
+
+A run can stop at any step (stop.py) and continue there: the checkpoint records the position
+inside the epoch, and the loader replays the epoch's draws from the generator state the epoch
+started with, so a stopped and resumed run ends bitwise identical to an uninterrupted one on a
+CPU (and on a GPU with --deterministic True).
+"""
+
+import math
+import platform
+import secrets
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from data import DataError
+
+from .build import build_model, load_data, make_loaders, make_optimizer, make_scheduler, model_name
+from .checkpoint import restore, save_checkpoint
+from .devices import Devices, any_rank, broadcast, on_all_ranks, wrap
+from .errors import UsageError, one_line
+from .evaluation import evaluate, summarize
+from .log import Log, Progress
+from .run_folder import RunFolder
+from .step import graphable_lr, make_step
+from .stop import Stopped, StopRequest
+
+
+class Run:
+    """Everything one training process holds: settings, devices, files, model and states."""
+
+    def __init__(self, config):
+        self.devices = Devices(config["deterministic"])
+        self.log = Log(enabled=self.devices.is_main)
+        self.folder = RunFolder(config["save"])
+        self.stop = StopRequest().install()
+        self.started = False
+        self.config = config
+
+    def prepare(self):
+        """Lock and check the run folder, then build data, model and states (or restore them)."""
+        # Rank 0 locks the folder; the others only read it (checkpoint.pt to resume from).
+        checkpoint, config = on_all_ranks(
+            lambda: self.folder.open(self.config) if self.devices.is_main
+            else self.folder.check(self.config))
+        devices, log = self.devices, self.log
+        if config["seed"] is None:
+            config["seed"] = broadcast(secrets.randbelow(2**31))
+        self.config = config
+        log.open(self.folder.path("log.txt")) if devices.is_main else None
+        position = checkpoint.get("position") if checkpoint else None
+        if checkpoint is None:
+            resumed = "new run"
+        else:
+            resumed = f"resuming after epoch {checkpoint['epoch']}"
+            if position:
+                resumed += f", at step {position['step']} of epoch {checkpoint['epoch'] + 1}"
+        log.print(f"run      {config['save']} ({resumed})")
+        log.print(f"device   {devices.describe()}")
+        log.print(f"torch    {torch.__version__}, Python {platform.python_version()}")
+
+        torch.manual_seed(config["seed"])
+        self.generator = torch.Generator().manual_seed(config["seed"] + 1)  # order, augmentation
+        dataset = load_data(config, devices)
+        self.train_loader, self.valid_loader, self.test_loader = on_all_ranks(
+            lambda: make_loaders(config, dataset, devices, self.generator))
+        self.raw_model = build_model(config, dataset.num_classes)
+        if config["sync_bn"]:
+            self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
+        memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
+        self.raw_model.to(devices.device, memory_format=memory_format)
+        self.optimizer = make_optimizer(config, self.raw_model, devices.device)
+        self.scheduler = make_scheduler(config, self.optimizer)
+        self.scaler = torch.amp.GradScaler(devices.device.type, enabled=config["amp"] == "fp16")
+        self.epoch, self.best_error, self.best_epoch, self.position = 0, math.inf, 0, None
+        if checkpoint is not None:
+            on_all_ranks(lambda: restore(checkpoint, self.raw_model, self.optimizer,
+                                         self.scheduler, self.scaler, self.generator))
+            self.epoch = checkpoint["epoch"]
+            self.best_error = checkpoint["best_valid_error"]
+            self.best_epoch = checkpoint["best_epoch"]
+            self.position = position
+        self.rows = on_all_ranks(lambda: self.folder.kept_rows(self.epoch)
+                                 if devices.is_main else None)
+
+        parameters = sum(p.numel() for p in self.raw_model.parameters())
+        log.print(f"model    {model_name(config)}: {parameters:,} parameters, amp "
+                  f"{config['amp']}, channels_last {config['channels_last']}")
+        valid = len(self.valid_loader.images) if self.valid_loader else 0
+        log.print(f"data     {dataset.name}: {len(dataset.train_images) - valid:,} training, "
+                  f"{valid:,} validation, {len(dataset.test_images):,} test images; batch "
+                  f"{config['batch_size']}, {len(self.train_loader)} steps per epoch")
+        milestones = ", ".join(map(str, config["milestones"])) or "none"
+        log.print(f"schedule {config['n_epochs']} epochs, SGD lr {config['lr']:g} "
+                  f"(x{config['gamma']:g} after epochs {milestones}), seed {config['seed']}")
+
+        if config["cuda_graph"]:  # a restored learning rate comes back as a CPU number
+            for group in self.optimizer.param_groups:
+                group["lr"] = graphable_lr({**config, "lr": float(group["lr"])}, devices.device)
+        self.model = wrap(self.raw_model, devices)
+        if config["compile"]:
+            self.model = torch.compile(self.model)
+        self.eval_model = self.raw_model if devices.distributed else self.model
+        self.step = make_step(self.model, self.optimizer, self.scaler, config, devices.device)
+
+    def write_start_files(self):
+        """config.json and results.csv (rank 0), and model_best.pt if a kill beat it."""
+        def start():
+            environment = {"python": platform.python_version(), "torch": torch.__version__,
+                           "device": self.devices.describe(),
+                           "world_size": self.devices.world_size,
+                           "data_parallel": self.devices.data_parallel,
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            self.folder.start({**self.config, "environment": environment}, self.rows)
+            if self.best_epoch and self.best_epoch == self.epoch:
+                self.folder.save_best(self.raw_model, self.best_epoch, self.best_error,
+                                      self.config)
+
+        on_all_ranks(lambda: start() if self.devices.is_main else None)
+        self.started = True
+
+    def close(self):
+        self.log.close()
+        if self.devices.is_main:
+            self.folder.close(started=self.started)
+
+
+def train(config):
+    """Train (or continue) the run config describes; raise Stopped when a signal stops it."""
+    run = Run(config)
+    try:
+        run.prepare()
+        run.write_start_files()
+        fit(run)
+    except (UsageError, DataError) as error:
+        run.log.print(f"error: {one_line(error)}", echo=False)
+        raise
+    finally:
+        run.close()
+
+
+def fit(run):
+    config, devices, log = run.config, run.devices, run.log
+    if run.epoch == config["n_epochs"] and run.position is None:
+        log.print(f"the run already trained its {run.epoch} epochs")
+    for epoch in range(run.epoch + 1, config["n_epochs"] + 1):
+        lr = float(run.optimizer.param_groups[0]["lr"])
+        devices.reset_peak_memory()
+        title = f"epoch {epoch}/{config['n_epochs']}"
+        position = run.position
+        run.position = None
+        result = train_epoch(run, title, position, config["n_epochs"] - epoch)
+        if "step" in result:  # stopped inside the epoch
+            stop_here(run, epoch, result)
+        started_epoch = time.perf_counter()
+        images, seconds = result["count"] * devices.world_size, result["seconds"]
+        train_loss, train_error = result["loss"], result["error"]
+        if not math.isfinite(train_loss):
+            kept = (f"{config['save']}/checkpoint.pt keeps epoch {epoch - 1}" if epoch > 1
+                    else "no checkpoint was written")
+            raise UsageError(f"the training loss became {train_loss} in epoch {epoch}; training "
+                             f"stopped ({kept}); try a smaller --lr")
+        run.scheduler.step()
+        run.epoch = epoch
+        if devices.is_main:
+            finish_epoch(run, epoch, title, lr, train_loss, train_error, images, seconds,
+                         started_epoch)
+        if epoch < config["n_epochs"] and any_rank(run.stop.requested, devices.device):
+            stop_here(run, epoch + 1, None)  # the epoch's checkpoint is the stop's
+    if devices.is_main:
+        summarize(run)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish_epoch(run, epoch, title, lr, train_loss, train_error, images, seconds, started):
+    """Validation and test error, the CSV row, the checkpoint and the epoch's line (rank 0)."""
+    config, device = run.config, run.devices.device
+    valid_loss = valid_error = None
+    if run.valid_loader is not None:
+        valid_loss, valid_error = evaluate(run.eval_model, run.valid_loader, config, device)
+    test_loss, test_error = evaluate(run.eval_model, run.test_loader, config, device)
+    improved = valid_error is not None and valid_error < run.best_error
+    if improved:
+        run.best_error, run.best_epoch = valid_error, epoch
+    epoch_seconds = seconds + time.perf_counter() - started
+    run.folder.append_row([
+        epoch, fmt(train_loss), fmt(train_error), fmt(valid_loss), fmt(valid_error),
+        fmt(test_error), fmt(test_loss), fmt(lr), f"{epoch_seconds:.3f}",
+        f"{images / seconds:.1f}", run.devices.peak_memory_mb()])
+    save_checkpoint(run.folder.path("checkpoint.pt"), run)
+    if improved:
+        run.folder.save_best(run.raw_model, epoch, valid_error, config)
+    valid = "" if valid_error is None else \
+        f"  valid loss {valid_loss:.4f} error {valid_error:.4f} |"
+    run.log.print(f"{title}  lr {lr:.3g} | train loss {train_loss:.4f} error {train_error:.4f} |"
+                  f"{valid}  test loss {test_loss:.4f} error {test_error:.4f} | "
+                  f"{epoch_seconds:.1f} s, {images / seconds:.0f} images/s")
+
+
+def stop_here(run, epoch, position):
+    """Write the checkpoint of a stop inside `epoch` (rank 0), say so, raise Stopped."""
+    if run.stop.requested:
+        name, status = run.stop.name, run.stop.exit_status
+    else:  # under torchrun, another process received it
+        name, status = "a signal to another process", Stopped.DEFAULT_STATUS
+    where = f"epoch {epoch} at step {position['step']}" if position else f"before epoch {epoch}"
+    if run.devices.is_main:
+        if position is not None:
+            save_checkpoint(run.folder.path("checkpoint.pt"), run, position)
+        run.log.print(f"stopped by {name} in {where}: checkpoint.pt saved; continue with "
+                      f"--resume True (exit status {status})")
+    raise Stopped(f"stopped by {name}", status)
+
+
+def train_epoch(run, title, position, epochs_after):
+    """One pass over this process's shard, from position (None: the epoch's start).
+
+    Returns {"loss", "error", "count", "seconds"} for a finished epoch, or, when a stop was
+    requested, the position to continue at: {"step", "data", "loss_sum", "wrong", "count",
+    "seconds"}, where "data" is the data generator's state at the epoch's start.
+    """
+    config, devices = run.config, run.devices
+    device = devices.device
+    run.model.train()
+    if position is None:
+        position = {"step": 0, "data": run.generator.get_state(), "count": 0, "seconds": 0.0,
+                    "loss_sum": torch.zeros((), dtype=torch.float64),
+                    "wrong": torch.zeros((), dtype=torch.int64)}
+    run.generator.set_state(position["data"])
+    step, count = position["step"], position["count"]
+    loss_sum, wrong = position["loss_sum"].to(device), position["wrong"].to(device)
+    batches = run.train_loader.epoch(skip=step)
+    progress = Progress(run.log, title, len(run.train_loader), step, config["log_every"],
+                        epochs_after)
+    start = time.perf_counter()
+    try:
+        for inputs, targets in batches:
+            if any_rank(run.stop.requested, device):
+                devices.synchronize()
+                return {**position, "step": step, "count": count, "loss_sum": loss_sum.cpu(),
+                        "wrong": wrong.cpu(),
+                        "seconds": position["seconds"] + time.perf_counter() - start}
+            if config["channels_last"]:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            loss, logits = run.step(inputs, targets)
+            loss_sum += loss.double() * len(targets)
+            wrong += (logits.argmax(1) != targets).sum()
+            count += len(targets)
+            step += 1
+            if progress.due():
+                progress.update(step, (count - position["count"]) * devices.world_size,
+                                loss_sum.item() / count, wrong.item() / count)
+    finally:
+        progress.close()
+    totals = torch.stack([loss_sum, wrong.double(),
+                          torch.tensor(count, dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    devices.synchronize()
+    seconds = position["seconds"] + time.perf_counter() - start
+    loss_total, wrong_total, images = totals.tolist()
+    return {"loss": loss_total / images, "error": wrong_total / images,
+            "count": count, "seconds": seconds}
+
+
+def fmt(value, digits=6):
+    return "" if value is None else f"{value:.{digits}g}"
