@@ -9,6 +9,7 @@ Writes results/benchmark-<device>.csv, .md and .png plots (see --out).
 import concurrent.futures
 import csv
 import gc
+import json
 import math
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from measure import (
     saved_tensor_bytes,
     time_training_steps,
 )
-from models import DenseNet, depth_to_config
+from models import DenseNet, depth_to_config, memory
 
 IMPLEMENTATIONS = ("naive", "efficient", "recompute", "torchvision", "torchvision_me")
 LABELS = {
@@ -41,7 +42,12 @@ LABELS = {
     "torchvision_me": "torchvision memory_efficient",
 }
 CSV_COLUMNS = ["device", "config", "depth", "growth_rate", "image_size", "batch_size", "impl",
-               "amp", "params", "saved_mb", "peak_mb", "forward_ms", "backward_ms", "step_ms"]
+               "amp", "params", "saved_mb", "saved_predicted_mb", "peak_mb", "peak_predicted_mb",
+               "forward_ms", "backward_ms", "step_ms"]
+# The memory model's mode of each implementation (torchvision without checkpoints is naive).
+PLAN_MODES = {"naive": "naive", "torchvision": "naive", "efficient": "efficient",
+              "recompute": "recompute_bottleneck",
+              "torchvision_me": "torchvision_memory_efficient"}
 
 
 def bc_config(depth, growth_rate, batch_size=64):
@@ -72,7 +78,8 @@ def build(impl, config):
         model = torchvision.models.DenseNet(
             growth_rate=config["growth_rate"], block_config=config["block_config"],
             num_init_features=config["num_init_features"], bn_size=config["bn_size"],
-            num_classes=config["num_classes"], memory_efficient=impl == "torchvision_me")
+            num_classes=config["num_classes"], drop_rate=config.get("drop_rate", 0.0),
+            memory_efficient=impl == "torchvision_me")
         if config["small_inputs"]:
             model.features.conv0 = torch.nn.Conv2d(3, config["num_init_features"], 3, padding=1,
                                                    bias=False)
@@ -81,7 +88,17 @@ def build(impl, config):
     keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
             "num_classes", "small_inputs")
     return DenseNet(efficient=impl != "naive", recompute_bottleneck=impl == "recompute",
-                    **{k: config[k] for k in keys})
+                    drop_rate=config.get("drop_rate", 0.0), **{k: config[k] for k in keys})
+
+
+def predicted_mb(impl, config, device_type, amp, batch_size=None):
+    """models/memory.py's saved-for-backward and peak MiB of a training step (peak: on CUDA)."""
+    keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
+            "num_classes", "small_inputs", "image_size")
+    net = memory.network(**{k: config[k] for k in keys})
+    n, mode, amp = batch_size or config["batch_size"], PLAN_MODES[impl], "bf16" if amp else "off"
+    return (memory.saved_bytes(net, n, mode, amp, device_type) / 2**20,
+            memory.peak_bytes(net, n, mode, amp, device=device_type) / 2**20)
 
 
 def batch(config, device, batch_size=None):
@@ -150,7 +167,7 @@ def _saved_worker(impl, config, device_name, amp):
     model = build(impl, config).to(device)
     inputs, _ = batch(config, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return saved_tensor_bytes(model, inputs) / 2**20
+        return saved_tensor_bytes(model, inputs, activations_only=True) / 2**20
 
 
 def _fits(impl, config, device_name, batch_size):
@@ -191,6 +208,336 @@ def _search_worker(impl, device_name):
     return largest, None if layers is None else 6 * layers + 4
 
 
+# ------------------------------------------------- CPU search under an address-space limit
+
+SEARCH_IMPLS = ("naive", "torchvision_me", "efficient", "recompute")
+# In the search's child processes: glibc gives every allocation above 128 KiB its own mapping and
+# returns it when freed (its heap would otherwise keep freed tensors' memory, and their address
+# space), and oneDNN keeps no compiled kernels between operations (its cache reserves about
+# 1 MiB of address space, mostly untouched, per kernel: over 0.5 GiB for the deepest networks).
+SEARCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+
+
+def _address_space():
+    """This process's mapped address space (VmSize), in bytes."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _steady_training_step(model, inputs, targets):
+    """One of demo.py's training steps (forward, zero_grad, backward, SGD with Nesterov momentum
+    and weight decay) as from the second step on: gradients and momentum buffers exist."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4, foreach=True)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _limited_step_worker(impl, config, budget):
+    """Build the model and train one steady-state step under an address-space limit of
+    ``budget`` bytes above this process's baseline. Returns (fits, baseline, seconds, error).
+
+    The baseline is the address space once torch is imported and a tiny model of the same
+    implementation has trained a step (libraries, thread pools, kernels loaded), so the budget
+    covers what the planner predicts: parameters, gradients, momentum, the batch, activations.
+    """
+    import resource
+
+    torch.manual_seed(0)
+    tiny = bc_config(10, 4, batch_size=2)
+    _steady_training_step(build(impl, tiny), *batch(tiny, torch.device("cpu")))
+    gc.collect()
+    baseline = _address_space()
+    resource.setrlimit(resource.RLIMIT_AS,
+                       (baseline + budget, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    start = time.perf_counter()
+    try:
+        _steady_training_step(build(impl, config), *batch(config, torch.device("cpu")))
+        return True, baseline, time.perf_counter() - start, ""
+    except (MemoryError, RuntimeError) as error:
+        return False, baseline, time.perf_counter() - start, " ".join(str(error).split())[:160]
+
+
+def _search_near(fits, predicted, limit):
+    """(largest value that fits, smallest that does not) near a predicted threshold, to within
+    max(1, value // 50): the prediction first, then steps away from it that double, then
+    bisection. fits() must hold below some threshold and fail above it; high is None when even
+    ``limit`` fits, low is 0 when not even 1 does."""
+    predicted = min(max(predicted, 1), limit)
+    step = max(1, predicted // 50)
+    if fits(predicted):
+        low, high = predicted, None
+        while high is None:
+            if low >= limit:
+                return low, None
+            candidate = min(low + step, limit)
+            if fits(candidate):
+                low, step = candidate, 2 * step
+            else:
+                high = candidate
+    else:
+        low, high = None, predicted
+        while low is None:
+            if high <= 1:
+                return 0, 1
+            candidate = max(high - step, 1)
+            if fits(candidate):
+                low = candidate
+            else:
+                high, step = candidate, 2 * step
+    while high - low > max(1, low // 50):
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low, high
+
+
+def _probe(impl, config, budget, record):
+    """Whether a real training step of ``config`` fits ``budget`` (a fresh process); prints.
+
+    ``record`` maps earlier probes of this search (also of an interrupted run) to outcomes."""
+    key = f"{impl} {config['name']} batch {config['batch_size']} budget {budget}"
+    if key in record:
+        fits, seconds, note = record[key]
+        note = "from an earlier run" + (f"; {note}" if note else "")
+    else:
+        result = _run_in_fresh_process(_limited_step_worker, impl, config, budget)
+        if result is None:
+            fits, seconds, note = False, None, "the process died"
+        else:
+            fits, _, seconds, note = result
+        record[key] = [fits, seconds, note]
+        record.save()
+    took = "" if seconds is None else f" after {seconds:.0f} s"
+    print(f"  {LABELS[impl]}, {config['name']}: {'fits' if fits else 'does not fit'}{took}"
+          f"{'; ' + note if note else ''}", flush=True)
+    return fits
+
+
+class _Record(dict):
+    """Probe outcomes kept in a JSON file, so that an interrupted search can go on."""
+
+    def __init__(self, path, version):
+        super().__init__()
+        self.path, self.version = path, version
+        if os.path.exists(path):
+            with open(path) as file:
+                stored = json.load(file)
+            if stored.get("version") == version:
+                self.update(stored["probes"])
+        self.reused = len(self)
+
+    def save(self):
+        with open(self.path + ".tmp", "w") as file:
+            json.dump({"version": self.version, "probes": dict(self)}, file, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def cpu_search(budget, budget_text, out):
+    """Deepest DenseNet-BC (k=12, batch 64) and largest growth rate at depth 100 (batch 64)
+    that really train within ``budget`` bytes on this CPU, per implementation, next to the
+    planner's predictions; writes <out>/memory-search-cpu.md after every answer, and the
+    probes' outcomes to <out>/memory-search-cpu.json (a rerun reuses them)."""
+    from training.plan import deepest, format_bytes, largest_growth_rate
+
+    started = time.time()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    print(f"Search on {machine}; budget {format_bytes(budget)}; torch {torch.__version__}",
+          flush=True)
+    os.makedirs(out, exist_ok=True)
+    record = _Record(os.path.join(out, "memory-search-cpu.json"),
+                     f"torch {torch.__version__}; {machine}; {SEARCH_ENV}")
+    reference = dict(depth_to_config(100, 12), num_classes=10, small_inputs=True,
+                     image_size=32, drop_rate=0.0)
+    predicted = {impl: (deepest(reference, True, 64, PLAN_MODES[impl], budget, device="cpu"),
+                        largest_growth_rate(reference, True, 64, PLAN_MODES[impl], budget,
+                                            device="cpu"))
+                 for impl in SEARCH_IMPLS}
+    found = {}
+    questions = [("depth", impl) for impl in SEARCH_IMPLS] + \
+        [("growth", impl) for impl in SEARCH_IMPLS]
+    saved_env = {key: os.environ.get(key) for key in SEARCH_ENV}
+    os.environ.update(SEARCH_ENV)  # read by the child processes as they start
+    try:
+        for question, impl in questions:
+            depth, width = predicted[impl]
+            if question == "depth":
+                print(f"{LABELS[impl]}: predicted deepest BC-{depth}", flush=True)
+                found[question, impl] = _search_near(
+                    lambda n, impl=impl: _probe(impl, bc_config(6 * n + 4, 12), budget, record),
+                    (depth - 4) // 6, 4096)
+            else:
+                print(f"{LABELS[impl]}: predicted largest k {width} at depth 100", flush=True)
+                found[question, impl] = _search_near(
+                    lambda k, impl=impl: _probe(impl, bc_config(100, k), budget, record),
+                    width, 4096)
+            _write_search(out, budget_text, machine, started, predicted, found, record)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _write_search(out, budget_text, machine, started, predicted, found, record):
+    """memory-search-cpu.md from the answers found so far."""
+
+    def measured(question, impl, show):
+        if (question, impl) not in found:
+            return "(not yet searched)"
+        low, high = found[question, impl]
+        fits = show(low) if low else "nothing"
+        return fits + ("" if high is None else f" (not {show(high)})")
+
+    reused = f"; {record.reused} probes reused from an interrupted run" if record.reused else ""
+    env = ", ".join(f"`{key}={value}`" for key, value in SEARCH_ENV.items())
+    lines = [f"# What trains in {budget_text} on a CPU: planner against real training steps", "",
+             f"Machine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
+             f"`python benchmark.py {' '.join(sys.argv[1:])}` "
+             f"({(time.time() - started) / 60:.0f} min{reused}).", "",
+             "Predicted: models/memory.py via training/plan.py (`demo.py --plan True`). "
+             "Measured: a real training step (demo.py's on a CPU: forward, backward, foreach "
+             "SGD with Nesterov momentum and weight decay, with the gradients and momentum "
+             "buffers of a previous step; batch 64 of 32x32 images, float32, random data), each "
+             "probe in a fresh process whose address space is limited (RLIMIT_AS) to its "
+             "baseline plus the budget; the baseline is the address space after importing torch "
+             f"and training a tiny model of the same implementation. Children run with {env} "
+             "(see SEARCH_ENV in benchmark.py). The search starts at the prediction and stops "
+             "within 2%: \"BC-1300 (not BC-1306)\" means BC-1300 trained and BC-1306 did not. "
+             "Every probe is in memory-search-cpu.json.", "",
+             "| implementation | deepest DenseNet-BC k=12, batch 64: predicted | measured | "
+             "largest k at depth 100, batch 64: predicted | measured |", "|---|---|---|---|---|"]
+    for impl, (depth, width) in predicted.items():
+        lines.append(f"| {LABELS[impl]} | BC-{depth} | "
+                     f"{measured('depth', impl, lambda n: f'BC-{6 * n + 4}')} | k={width} | "
+                     f"{measured('growth', impl, lambda k: f'k={k}')} |")
+    if found.get(("depth", "efficient"), (0,))[0] and \
+            found.get(("depth", "torchvision_me"), (0,))[0]:
+        ratio = (6 * found["depth", "efficient"][0] + 4) / \
+            (6 * found["depth", "torchvision_me"][0] + 4)
+        lines += ["", "Deepest network, efficient / torchvision memory_efficient: predicted "
+                  f"{predicted['efficient'][0] / predicted['torchvision_me'][0]:.2f}x, "
+                  f"measured {ratio:.2f}x."]
+    if found.get(("growth", "efficient"), (0,))[0] and \
+            found.get(("growth", "torchvision_me"), (0,))[0]:
+        lines += ["", "Largest growth rate, efficient / torchvision memory_efficient: predicted "
+                  f"{predicted['efficient'][1] / predicted['torchvision_me'][1]:.2f}x, measured "
+                  f"{found['growth', 'efficient'][0] / found['growth', 'torchvision_me'][0]:.2f}x."]
+    path = os.path.join(out, "memory-search-cpu.md")
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+# ------------------------------------------------- the memory model against CPU measurements
+
+def _case(impl, depth, k, batch_size, image_size=32, amp=False, channels_last=False,
+          drop_rate=0.0, bc=True, imagenet=None):
+    """A configuration for check_memory_model: DenseNet(-BC) at a depth, or an ImageNet-stem net."""
+    if imagenet:
+        config = dict(name=f"ImageNet-stem {imagenet}", depth=None, num_classes=1000,
+                      small_inputs=False, growth_rate=k, block_config=imagenet,
+                      num_init_features=2 * k, bn_size=4, compression=0.5)
+    else:
+        config = dict(name=f"{'BC-' if bc else 'DenseNet-'}{depth} k={k}", depth=depth,
+                      num_classes=10, small_inputs=True, **depth_to_config(depth, k, bc))
+    return dict(config, impl=impl, batch_size=batch_size, image_size=image_size, amp=amp,
+                channels_last=channels_last, drop_rate=drop_rate)
+
+
+MODEL_CHECK_CASES = [
+    _case("efficient", 40, 12, 16), _case("efficient", 100, 12, 8),
+    _case("efficient", 40, 24, 16, amp=True), _case("efficient", 40, 12, 16, bc=False),
+    _case("efficient", 40, 12, 16, channels_last=True), _case("efficient", 40, 12, 16,
+                                                                drop_rate=0.2),
+    _case("efficient", 64, 32, 4), _case("efficient", 40, 12, 1),
+    _case("efficient", None, 32, 4, 64, imagenet=(6, 12, 24, 16)),
+    _case("recompute", 40, 12, 16), _case("recompute", 148, 12, 4),
+    _case("recompute", 40, 24, 4, amp=True, channels_last=True),
+    _case("naive", 40, 12, 16), _case("naive", 100, 12, 8), _case("naive", 40, 12, 16, bc=False),
+    _case("naive", 52, 16, 8, channels_last=True), _case("naive", 40, 12, 32, 16, drop_rate=0.2),
+    _case("naive", None, 32, 4, 64, imagenet=(6, 12, 24, 16)),
+    _case("torchvision_me", 40, 12, 16), _case("torchvision_me", 100, 12, 8),
+    _case("torchvision_me", 40, 24, 16, amp=True), _case("torchvision_me", 88, 20, 4,
+                                                         drop_rate=0.2),
+    _case("torchvision_me", None, 32, 4, 64, imagenet=(6, 12, 24, 16)),
+]
+
+
+def _model_check_worker(case):
+    """(saved bytes, CPU allocator peak of a training step) of one case, in this process."""
+    from measure import cpu_peak_training_memory
+
+    torch.manual_seed(0)
+    layout = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    model = build(case["impl"], case).train().to(memory_format=layout)
+    inputs, targets = batch(case, torch.device("cpu"))
+    inputs = inputs.contiguous(memory_format=layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["amp"]):
+        saved = saved_tensor_bytes(model, inputs, activations_only=True)
+    dtype = torch.bfloat16 if case["amp"] else None
+    return saved, cpu_peak_training_memory(model, inputs, targets, autocast_dtype=dtype)
+
+
+def check_memory_model(out):
+    """Predicted against measured saved bytes and CPU peak for MODEL_CHECK_CASES, each measured
+    in a fresh process; writes <out>/memory-model-cpu.md."""
+    started = time.time()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    print(f"Memory model check on {machine}; torch {torch.__version__}", flush=True)
+    errors, rows = {"saved": [], "peak": []}, []
+    for case in MODEL_CHECK_CASES:
+        saved, peak = _run_in_fresh_process(_model_check_worker, case)
+        keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
+                "num_classes", "small_inputs", "image_size", "drop_rate")
+        net = memory.network(**{k: case[k] for k in keys})
+        mode, amp = PLAN_MODES[case["impl"]], "bf16" if case["amp"] else "off"
+        predicted_saved = memory.saved_bytes(net, case["batch_size"], mode, amp)
+        predicted_peak = memory.peak_bytes(net, case["batch_size"], mode, amp,
+                                           case["channels_last"])
+        errors["saved"].append(predicted_saved / saved - 1)
+        errors["peak"].append(predicted_peak / peak - 1)
+        row = (f"| {case['name']} | {case['batch_size']} | {amp} | "
+               f"{'channels_last' if case['channels_last'] else 'NCHW'} | {case['drop_rate']:g} "
+               f"| {LABELS[case['impl']]} | {saved / 2**20:.2f} | {predicted_saved / 2**20:.2f} "
+               f"| {100 * errors['saved'][-1]:+.1f}% | {peak / 2**20:.2f} | "
+               f"{predicted_peak / 2**20:.2f} | {100 * errors['peak'][-1]:+.1f}% |")
+        print(row, flush=True)
+        rows.append(row)
+    lines = ["# models/memory.py against measurements on a CPU", "",
+             f"Machine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
+             f"`python benchmark.py {' '.join(sys.argv[1:])}` "
+             f"({(time.time() - started) / 60:.0f} min).", "",
+             "Saved: bytes autograd keeps for backward after a training forward, parameters and "
+             "the input excluded (measure.saved_tensor_bytes with activations_only). Peak: the CPU"
+             " allocator's peak during one training step of demo.py's kind (forward, zero_grad, "
+             "backward, foreach SGD with Nesterov momentum and weight decay, gradients and "
+             "momentum of a previous step present), tensors alive before the step included "
+             "(measure.cpu_peak_training_memory). Each case in a fresh process, 32x32 images "
+             "(64x64 for the ImageNet stem), float32 unless bf16 autocast.", "",
+             "| configuration | batch | amp | layout | dropout | implementation | saved MiB | "
+             "predicted | error | peak MiB | predicted | error |", "|---" * 12 + "|", *rows, "",
+             f"Largest error: saved {100 * max(map(abs, errors['saved'])):.1f}%, peak "
+             f"{100 * max(map(abs, errors['peak'])):.1f}% ({len(MODEL_CHECK_CASES)} cases)."]
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "memory-model-cpu.md")
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print(lines[-1])
+    print(f"wrote {path}")
+
+
 def device_description(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -227,7 +574,8 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
                     _saved_worker, impl, config, str(device), amp)
                 continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                figures[impl]["saved_mb"] = saved_tensor_bytes(model, inputs) / 2**20
+                figures[impl]["saved_mb"] = saved_tensor_bytes(
+                    model, inputs, activations_only=True) / 2**20
         if time_it:
             times = time_training_steps(models, inputs, targets, repeats=repeats,
                                         warmup=2 if device.type == "cuda" else 1,
@@ -235,10 +583,13 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
             for impl, t in times.items():
                 figures[impl].update(forward_ms=1e3 * t["forward"],
                                      backward_ms=1e3 * t["backward"], step_ms=1e3 * t["step"])
-        if device.type == "cuda":
-            for impl in impls:
+        for impl in impls:
+            saved, peak = predicted_mb(impl, config, device.type, amp)
+            figures[impl]["saved_predicted_mb"] = saved
+            if device.type == "cuda":
                 figures[impl]["peak_mb"] = _run_in_fresh_process(
                     _peak_worker, impl, config, str(device), amp)
+                figures[impl]["peak_predicted_mb"] = peak
         for impl in impls:
             rows.append(dict(device=device_description(device), config=config["name"],
                              depth=config["depth"], growth_rate=config["growth_rate"],
@@ -252,9 +603,11 @@ def measure_config(config, device, impls, repeats, time_it, amp_modes, fresh):
 def print_rows(rows):
     for row in rows:
         parts = [f"{row['config']:>16} {row['impl']:>15} amp={row['amp']:<4}",
-                 f"saved {fmt(row['saved_mb']):>9} MiB"]
+                 f"saved {fmt(row['saved_mb']):>9} MiB (predicted "
+                 f"{fmt(row['saved_predicted_mb']):>9})"]
         if row.get("peak_mb") is not None:
-            parts.append(f"peak {row['peak_mb']:9.1f} MiB")
+            parts.append(f"peak {row['peak_mb']:9.1f} MiB (predicted "
+                         f"{fmt(row.get('peak_predicted_mb')):>9})")
         if row.get("step_ms") is not None:
             parts.append(f"step {row['step_ms']:9.1f} ms")
         print("  ".join(parts), flush=True)
@@ -266,14 +619,15 @@ def fmt(value, digits=1):
 
 def markdown_table(rows, device_text, extra_lines):
     """One table: each configuration and AMP mode, the figures of every implementation."""
-    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward (MiB); peak = "
-             "peak CUDA memory of a full training step; step = median forward + backward time; "
+    lines = [f"Device: {device_text}. Saved = bytes autograd keeps for backward, parameters and "
+             "the input excluded (MiB); peak = peak CUDA memory of a full training step; "
+             "predicted = models/memory.py's figure; step = median forward + backward time; "
              "an empty cell was not measured (or did not fit).", ""]
     with_peak = any(r.get("peak_mb") is not None for r in rows)
-    peak_column = " peak MiB |" if with_peak else ""
-    lines.append(f"| config | batch | amp | implementation | saved MiB |{peak_column} step ms | "
-                 "saved vs torchvision m.e. | step vs naive |")
-    lines.append("|---" * (9 if with_peak else 8) + "|")
+    peak_column = " peak MiB | predicted peak |" if with_peak else ""
+    lines.append(f"| config | batch | amp | implementation | saved MiB | predicted saved |"
+                 f"{peak_column} step ms | saved vs torchvision m.e. | step vs naive |")
+    lines.append("|---" * (11 if with_peak else 9) + "|")
     keyed = {(r["config"], r["amp"], r["impl"]): r for r in rows}
     for row in rows:
         reference = keyed.get((row["config"], row["amp"], "torchvision_me"))
@@ -282,9 +636,11 @@ def markdown_table(rows, device_text, extra_lines):
                        if reference and row["saved_mb"] and reference["saved_mb"] else None)
         step_ratio = (row["step_ms"] / naive["step_ms"]
                       if naive and row.get("step_ms") and naive.get("step_ms") else None)
-        peak = f" {fmt(row.get('peak_mb'))} |" if with_peak else ""
+        peak = f" {fmt(row.get('peak_mb'))} | {fmt(row.get('peak_predicted_mb'))} |" \
+            if with_peak else ""
         lines.append(f"| {row['config']} | {row['batch_size']} | {row['amp']} | "
-                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} |{peak} "
+                     f"{LABELS[row['impl']]} | {fmt(row['saved_mb'])} | "
+                     f"{fmt(row.get('saved_predicted_mb'))} |{peak} "
                      f"{fmt(row.get('step_ms'))} | {fmt(saved_ratio, 2)} | {fmt(step_ratio, 2)} |")
     return "\n".join(lines + [""] + extra_lines) + "\n"
 
@@ -327,7 +683,8 @@ def plot(rows, path, device_text):
 
 
 def main(quick=False, device="auto", out=None, repeats=None, amp=None,
-         time_max_depth=None, cpu_max_gb=8.0, search=None, tools=False):
+         time_max_depth=None, cpu_max_gb=8.0, search=None, memory_budget=None,
+         check_model=False, tools=False):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Args:
@@ -344,7 +701,14 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None,
         cpu_max_gb: on CPU, skip configurations whose naive model would save more than this
             (a forward takes about twice that).
         search: on CUDA, find the largest batch (BC-100) and deepest network (batch 64) per
-            implementation by bisection; default True on CUDA without quick.
+            implementation by bisection; default True on CUDA without quick. On a CPU, with
+            --memory_budget and nothing else: the deepest DenseNet-BC (k=12, batch 64) and the
+            largest growth rate at depth 100 that train within the budget, by real training
+            steps under an address-space limit, against the planner's predictions (writes
+            memory-search-cpu.md; an hour or more).
+        memory_budget: the CPU search's budget, such as 8GiB.
+        check_model: only compare models/memory.py's predicted saved bytes and CPU peak with
+            measurements (a fresh process per case); writes memory-model-cpu.md.
         tools: instead, the figures of PyTorch's tools on the CPU (see tools_main): compiled
             against eager training steps, saved bytes under torch.compile, operators dispatched
             per step and per optimizer step, float32 gradient accuracy; writes
@@ -364,6 +728,23 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None,
     amp_modes = [False, True] if (on_cuda if amp is None else amp) else [False]
     time_max_depth = time_max_depth or (40 if quick else 10**6 if on_cuda else 100)
     search = (on_cuda and not quick) if search is None else search
+    if check_model is True:
+        check_memory_model(out)
+        return None
+    if memory_budget is not None:
+        from training.errors import UsageError
+        from training.plan import parse_budget
+
+        if not search or on_cuda:
+            raise SystemExit("error: --memory_budget goes with --search True on a CPU")
+        try:
+            budget = parse_budget(memory_budget)
+        except UsageError as error:
+            raise SystemExit(f"error: {error}") from None
+        cpu_search(budget, str(memory_budget), out)
+        return None
+    if search and not on_cuda:
+        raise SystemExit("error: on a CPU, --search True needs --memory_budget (such as 8GiB)")
     configs = quick_configs() if quick else default_configs()
     torch.backends.cudnn.benchmark = True
 

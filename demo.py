@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 demo.py ...           # DistributedDataParallel, one process per GPU
     python demo.py --save DIR --resume True ...       # continue an interrupted run
     python demo.py --save DIR --evaluate True         # test error of a saved model
+    python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
 
 Bad input ends with one line "error: ..." on stderr and exit status 2.
 """
@@ -24,6 +25,7 @@ from training.devices import is_distributed, world_size_from_env
 from training.errors import UsageError, one_line
 from training.evaluation import evaluate_saved
 from training.loop import train
+from training.plan import run_plan
 from training.stop import Stopped
 
 BOOLEAN_ARGS = ("bc", "efficient", "recompute_bottleneck", "augment", "channels_last", "sync_bn",
@@ -38,7 +40,7 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
          milestones=None, gamma=0.1, seed=None, augment=True, amp="off", channels_last=False,
          sync_bn=False, svhn_extra=False, fake_size=(50000, 10000), download=True,
          resume=False, evaluate=False, deterministic=False, compile=False, cuda_graph=False,
-         log_every=30):
+         log_every=30, plan=False, memory_budget=None, json=False):
     """Train a DenseNet (defaults: the paper's DenseNet-BC, L=100, k=12 on CIFAR-10).
 
     Uses CUDA when available (every visible GPU through DataParallel), else the CPU; under
@@ -90,9 +92,21 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
             batch (one GPU; --amp off or bf16): removes the cost of launching kernels.
         log_every: seconds between progress lines when the output is not a terminal (a job's
             log file); 0 for a line after every step.
+        plan: no training: print, for this model, batch, --amp and --channels_last, what each
+            memory mode needs (saved for backward, parameters + gradients + momentum, peak of a
+            training step) and what fits the GPU's free memory (on a CPU: the available memory)
+            or --memory_budget: largest batch, deepest network of this growth rate. Predicted
+            by models/memory.py in milliseconds; needs no --data or --save.
+        memory_budget: with --plan, the memory to plan for, such as 8GiB, 1.5GB or 512MiB.
+        json: with --plan, print one JSON object instead of the table.
     """
     args = dict(locals())
+    planning = {name: args.pop(name) for name in ("plan", "memory_budget", "json")}
     try:
+        if planning["plan"] is not False:
+            sys.exit(run_plan({**args, **planning}))
+        if planning["memory_budget"] is not None or planning["json"] is not False:
+            raise UsageError("--memory_budget and --json go with --plan True")
         config = resolve_args(args)
         if config["evaluate"]:
             evaluate_saved(config)

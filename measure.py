@@ -13,18 +13,25 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def saved_tensor_bytes(model, inputs):
+def saved_tensor_bytes(model, inputs, activations_only=False):
     """Bytes of the distinct storages autograd keeps for backward in one forward of ``model``.
 
-    Parameters are counted like any other saved tensor. The forward runs in the model's current
-    mode; the graph is freed before returning.
+    Parameters are counted like any other saved tensor, unless ``activations_only``: then the
+    storages of the model's parameters and of ``inputs`` are left out (what models.memory
+    predicts; a copy of the input made under autocast still counts). The forward runs in the
+    model's current mode; the graph is freed before returning.
     """
     storages = {}
+    excluded = set()
+    if activations_only:
+        excluded = {(t.untyped_storage().data_ptr(), t.device)
+                    for t in [*model.parameters(), inputs]}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), tensor.device)
-        storages[key] = max(storages.get(key, 0), storage.nbytes())
+        if key not in excluded:
+            storages[key] = max(storages.get(key, 0), storage.nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -88,6 +95,54 @@ def peak_training_memory(model, inputs, targets, optimizer=None, autocast_dtype=
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
+
+
+def cpu_peak_training_memory(model, inputs, targets, autocast_dtype=None):
+    """Peak bytes of tensors alive during one CPU training step, as the CPU allocator sees them.
+
+    The step is demo.py's (forward, zero_grad, backward, foreach SGD with Nesterov momentum and
+    weight decay) in its steady state: the gradients and momentum of a previous step exist.
+    Counts what exists before the step (parameters, gradients, momentum, buffers, the batch)
+    plus the largest net allocation during it, read from the profiler's memory events (the CPU
+    allocator reports every allocation to it). Run it in a fresh process for a clean figure.
+    """
+    from torch._C._profiler import _EventType
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4, foreach=True)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    existing = [*model.parameters(), *model.buffers(), inputs, targets,
+                *(p.grad for p in model.parameters()),
+                *(s["momentum_buffer"] for s in optimizer.state.values())]
+    before = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                  for t in existing}.values())
+    grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profile:
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        with torch.profiler.record_function("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    allocations, freed_at = [], []
+
+    def walk(event):
+        if event.tag == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.extra_fields.total_allocated))
+        elif event.name == "zero_grad":
+            freed_at.append(event.start_time_ns)
+        for child in event.children:
+            walk(child)
+
+    for root in profile.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    # The old gradients were allocated before profiling: the profiler does not see them freed.
+    return before + max(total - (grads if time > freed_at[0] else 0)
+                        for time, total in allocations)
 
 
 def cpu_name():

@@ -52,3 +52,39 @@ def test_largest_finds_the_threshold_by_doubling_and_bisection():
         assert len(calls) < 25
     assert _largest(lambda n: n <= 10, 64, 4096) is None
     assert _largest(lambda n: True, 16, 4096) == 4096
+
+
+def test_search_near_brackets_the_threshold_starting_from_the_prediction():
+    from benchmark import _search_near
+
+    for threshold in (1, 7, 100, 1000, 4095):
+        for predicted in (1, threshold // 2 + 1, threshold, threshold + 3, 2 * threshold):
+            calls = []
+
+            def fits(n, threshold=threshold, calls=calls):
+                calls.append(n)
+                return n <= threshold
+
+            low, high = _search_near(fits, predicted, 4096)
+            assert low <= threshold < high and high - low <= max(1, low // 50)
+            assert calls[0] == min(predicted, 4096) and len(calls) < 20
+    assert _search_near(lambda n: True, 100, 4096) == (4096, None)
+    assert _search_near(lambda n: False, 100, 4096) == (0, 1)
+    calls = []
+    _search_near(lambda n: calls.append(n) or n <= 500, 500, 4096)
+    assert calls == [500, 510]  # an exact prediction costs two probes
+
+
+def test_a_training_step_under_an_address_space_limit(monkeypatch):
+    """The search's probe: a real step fits a generous budget and fails a tiny one."""
+    import benchmark
+
+    for key, value in benchmark.SEARCH_ENV.items():
+        monkeypatch.setenv(key, value)
+    config = benchmark.bc_config(16, 4, batch_size=8)
+    fits, baseline, _, error = benchmark._run_in_fresh_process(
+        benchmark._limited_step_worker, "efficient", config, 2**30)
+    assert fits and baseline > 0 and error == ""
+    fits, _, _, error = benchmark._run_in_fresh_process(
+        benchmark._limited_step_worker, "efficient", config, 2**20)
+    assert not fits and error  # an allocation (or oneDNN, allocating) failed

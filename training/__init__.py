@@ -10,4 +10,5 @@
     log.py         what is printed, also written to log.txt; progress without a terminal
     build.py       the model, the data loaders and the optimizer a configuration describes
     loop.py        training epochs, evaluation, the whole run
+    plan.py        --plan: what each memory mode needs and what fits (models/memory.py)
 """
