@@ -21,8 +21,10 @@ the input excluded (what measure.saved_tensor_bytes(..., activations_only=True) 
     compute dtype on a CPU, 1 byte on CUDA). Under autocast also a d-byte copy of every
     convolution's weight.
   efficient: per block one buffer of C maps (every channel, normalised), the L bottleneck outputs
-    (L*w maps), float32 statistics (2C + 2Lw values) and, with dropout, 1-byte masks (k maps per
-    layer). Transitions and the head read the buffer and keep nothing more but the pooled features.
+    (L*w maps), float32 statistics (C + 2Lw values: the buffer's inverse standard deviations, the
+    bottleneck outputs' means and inverse standard deviations) and, with dropout, 1-byte masks
+    (k maps per layer). Transitions and the head read the buffer and keep nothing more but the
+    pooled features.
   efficient + recompute_bottleneck: the same without the L*w bottleneck maps.
   torchvision memory_efficient=True (checkpoints concat-BatchNorm-ReLU-conv1 in each layer): per
     block the checkpoints' inputs (c_in + (L-1)*k maps: the block input and all new features but
@@ -244,7 +246,7 @@ def _saved_parts(net, n, mode, amp, device):
         m = values * d  # bytes of one channel map
         inputs = b.input_sum(k)
         if mode in ("efficient", "recompute_bottleneck"):
-            block = b.c_out * m + 2 * b.c_out * FLOAT + 2 * b.layers * w * FLOAT
+            block = b.c_out * m + b.c_out * FLOAT + 2 * b.layers * w * FLOAT
             block += b.layers * w * m if mode == "efficient" else 0
             block += b.layers * k * values if drop else 0
         else:
