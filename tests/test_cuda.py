@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from test_models import assert_same_step, make_pair, rel_err, training_step
 
-from benchmark import _peak_worker, _run_in_fresh_process, bc_config, build
+from benchmarks.common import bc_config, build, run_in_fresh_process
+from benchmarks.compare import _peak_worker
 from measure import cpu_name
 from models import DenseNet
 from training.build import make_optimizer
@@ -364,7 +365,7 @@ def test_data_parallel_keeps_the_bf16_autocast_dtype():
 def test_peak_training_memory_efficient_below_checkpointing_below_naive(record_property):
     config = bc_config(100, 12, batch_size=64)
     impls = ("naive", "torchvision_me", "efficient", "recompute")
-    peaks = {impl: _run_in_fresh_process(_peak_worker, impl, config, str(DEVICE), False)
+    peaks = {impl: run_in_fresh_process(_peak_worker, impl, config, str(DEVICE), False)
              for impl in impls}
     figures = dict(config=config["name"], batch_size=config["batch_size"], amp="off",
                    peak_mib={impl: peaks[impl] and round(peaks[impl], 1) for impl in impls})

@@ -418,7 +418,7 @@ def test_float32_gradients_as_accurate_as_naive():
     """Median over 30 seeds of the norm-relative float32 gradient error (against float64),
     DenseNet-BC and plain DenseNet: efficient within 2x of naive (the figures at a larger size
     are in results/tools-cpu.md)."""
-    from benchmark import gradient_accuracy
+    from benchmarks.tools import gradient_accuracy
 
     for bc in (True, False):
         config = dict(depth_to_config(10 if bc else 7, 4, bc=bc), num_classes=10)
@@ -429,7 +429,7 @@ def test_float32_gradients_as_accurate_as_naive():
 
 
 def test_foreach_and_fused_sgd_dispatch_a_handful_of_operators():
-    from benchmark import optimizer_step_counts
+    from benchmarks.tools import optimizer_step_counts
 
     _, model = make_pair()
     counts = optimizer_step_counts(model)

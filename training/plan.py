@@ -30,18 +30,19 @@ MAX_LAYERS = 2**20  # per block, in the search for the deepest network (never re
 MAX_BATCH = 2**40
 
 
-def parse_budget(value):
-    """Bytes from a budget such as 8GiB, 1.5GB, 512MiB, 8G (binary) or a number of bytes."""
+def parse_budget(value, flag="memory_budget"):
+    """Bytes from a budget such as 8GiB, 1.5GB, 512MiB, 8G (binary) or a number of bytes;
+    UsageError naming --flag otherwise."""
     text = str(value).strip()
     match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-zA-Z]*)", text)
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)) or not match \
             or match.group(3).lower() not in UNITS:
-        raise UsageError(f"--memory_budget must be a size such as 8GiB, 1.5GB or 512MiB, "
-                        f"got {value!r}")
+        raise UsageError(f"--{flag} must be a size such as 8GiB, 1.5GB or 512MiB, "
+                         f"got {value!r}")
     number = float(match.group(1)) * 10 ** int(match.group(2) or 0)
     size = int(number * UNITS[match.group(3).lower()])
     if size < 1 or not math.isfinite(number):
-        raise UsageError(f"--memory_budget must be a positive size, got {value!r}")
+        raise UsageError(f"--{flag} must be a positive size, got {value!r}")
     return size
 
 

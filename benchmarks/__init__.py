@@ -1,0 +1,9 @@
+"""The measurements behind benchmark.py, one kind per module.
+
+    common.py       implementations, configurations, fresh processes, device names
+    compare.py      saved bytes, peak memory, step time, largest batch, deepest network
+    cpu_search.py   what really trains within a memory budget on a CPU
+    model_check.py  models/memory.py against CPU measurements
+    tools.py        torch.compile, operator counts, gradient accuracy (CPU)
+    acceptance.py   the GPU acceptance run: CUDA tests, benchmark, epoch times, one report
+"""
