@@ -13,7 +13,7 @@ import time
 import torch
 
 from measure import cpu_name
-from models import depth_to_config
+from models import depth_to_config, efficient
 
 from .common import LABELS, PLAN_MODES, batch, bc_config, build, run_in_fresh_process, search_near
 
@@ -126,8 +126,10 @@ def cpu_search(budget, budget_text, out):
     print(f"Search on {machine}; budget {format_bytes(budget)}; torch {torch.__version__}",
           flush=True)
     os.makedirs(out, exist_ok=True)
+    # A record of another torch, machine, environment or chunk size is not reused.
     record = _Record(os.path.join(out, "memory-search-cpu.json"),
-                     f"torch {torch.__version__}; {machine}; {SEARCH_ENV}")
+                     f"torch {torch.__version__}; {machine}; {SEARCH_ENV}; "
+                     f"CHUNK_BYTES {efficient.CHUNK_BYTES}")
     reference = dict(depth_to_config(100, 12), num_classes=10, small_inputs=True,
                      image_size=32, drop_rate=0.0)
     predicted = {impl: (deepest(reference, True, 64, PLAN_MODES[impl], budget, device="cpu"),
@@ -135,8 +137,10 @@ def cpu_search(budget, budget_text, out):
                                             device="cpu"))
                  for impl in SEARCH_IMPLS}
     found = {}
-    questions = [("depth", impl) for impl in SEARCH_IMPLS] + \
-        [("growth", impl) for impl in SEARCH_IMPLS]
+    # Growth rates at depth 100 first: their probes take minutes, the deepest networks' up to
+    # hours, so an interrupted search has answered the most it could.
+    questions = [("growth", impl) for impl in SEARCH_IMPLS] + \
+        [("depth", impl) for impl in SEARCH_IMPLS]
     saved_env = {key: os.environ.get(key) for key in SEARCH_ENV}
     os.environ.update(SEARCH_ENV)  # read by the child processes as they start
     try:
@@ -193,18 +197,17 @@ def _write_search(out, budget_text, machine, started, predicted, found, record):
         lines.append(f"| {LABELS[impl]} | BC-{depth} | "
                      f"{measured('depth', impl, lambda n: f'BC-{6 * n + 4}')} | k={width} | "
                      f"{measured('growth', impl, lambda k: f'k={k}')} |")
-    if found.get(("depth", "efficient"), (0,))[0] and \
-            found.get(("depth", "torchvision_me"), (0,))[0]:
-        ratio = (6 * found["depth", "efficient"][0] + 4) / \
-            (6 * found["depth", "torchvision_me"][0] + 4)
-        lines += ["", "Deepest network, efficient / torchvision memory_efficient: predicted "
-                  f"{predicted['efficient'][0] / predicted['torchvision_me'][0]:.2f}x, "
-                  f"measured {ratio:.2f}x."]
-    if found.get(("growth", "efficient"), (0,))[0] and \
-            found.get(("growth", "torchvision_me"), (0,))[0]:
-        lines += ["", "Largest growth rate, efficient / torchvision memory_efficient: predicted "
-                  f"{predicted['efficient'][1] / predicted['torchvision_me'][1]:.2f}x, measured "
-                  f"{found['growth', 'efficient'][0] / found['growth', 'torchvision_me'][0]:.2f}x."]
+    lines.append("")
+    for impl in ("efficient", "recompute"):
+        for question, index, what, value in [
+                ("depth", 0, "Deepest network", lambda n: 6 * n + 4),
+                ("growth", 1, "Largest growth rate", lambda k: k)]:
+            ratio = f"{predicted[impl][index] / predicted['torchvision_me'][index]:.2f}x"
+            low, reference = (found.get((question, i), (0,))[0] for i in (impl, "torchvision_me"))
+            ratio += f", measured {value(low) / value(reference):.2f}x" \
+                if low and reference else " (not yet measured)"
+            lines.append(f"- {what}, {LABELS[impl]} / torchvision memory_efficient: "
+                         f"predicted {ratio}.")
     path = os.path.join(out, "memory-search-cpu.md")
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")

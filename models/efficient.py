@@ -28,6 +28,16 @@ recomputing each layer's cheap affine + ReLU from the buffer. Transitions and th
 read the buffer through the same affine map with a second small Function, so nothing there is
 stored either.
 
+Working memory is bounded too. A layer's BatchNorm-ReLU'd input, and in backward that input's
+gradient, would each be as large as the buffer slice the layer reads: in a deep block, several
+buffers' worth of temporaries on top of what is saved. A convolution is a sum over its input
+channels, and the affine map, the ReLU and their gradients act per channel, so a layer that reads
+more than CHUNK_BYTES of maps does all of this a slice of channels at a time (the partial
+convolutions added up) and its temporaries stay within CHUNK_BYTES each; the transitions and
+the head read the buffer the same way. A block's backward then holds its incoming gradient and
+the gradient it accumulates (two buffers) plus chunk-sized temporaries. Layers small enough for
+one chunk (all of DenseNet-BC-100's at batch 64 in float32) run exactly as without chunks.
+
 What is saved for backward, in all: per block the buffer (in the compute dtype), the bottleneck
 outputs (unless ``recompute_bottleneck``), a bool mask per layer when dropout is on, and small
 per-channel batch statistics; plus the parameters.
@@ -83,6 +93,41 @@ def _stat_dtype(dtype):
 
 def _channel(v):
     return v.view(1, -1, 1, 1)
+
+
+CHUNK_BYTES = 64 * 2**20  # a layer's working tensors are cut into channel slices of this size
+
+
+def channel_chunks(channels, bytes_per_channel):
+    """[(lo, hi), ...]: ``channels`` cut into slices of at most CHUNK_BYTES of maps (at least
+    one channel each; a multiple of 16 channels when larger, oneDNN's channel block)."""
+    step = max(1, CHUNK_BYTES // max(1, bytes_per_channel))
+    if step > 16:
+        step -= step % 16
+    return [(lo, min(lo + step, channels)) for lo in range(0, channels, step)]
+
+
+def _chunks(maps, channels):
+    """channel_chunks for the first ``channels`` channels of the 4-d tensor ``maps``."""
+    return channel_chunks(channels, maps[:, :1].numel() * maps.element_size())
+
+
+def _joined(parts, dims):
+    """Per-chunk results as one: each field's chunks concatenated along its dim (None stays)."""
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(None if field[0] is None else torch.cat(field, dim)
+                 for field, dim in zip(zip(*parts, strict=True), dims, strict=True))
+
+
+def _conv_of_affine_relu(buf, chunks, scale, shift, weight, padding):
+    """conv2d(relu(scale * buf[:, :c] + shift), weight), one slice of channels at a time."""
+    out = None
+    for lo, hi in chunks:
+        h = _affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi])
+        part = F.conv2d(h, weight[:, lo:hi], padding=padding)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 _IDENTITY = {}  # (device, dtype) -> (zeros, ones), grown as needed: two launches fewer per call
@@ -257,9 +302,8 @@ def block_forward(spec, x, params, dtype, keep_for_backward):
     for j in range(num_layers):
         c = c_in + j * k
         p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
-        h = _affine_relu(buf[:, :c], p[0].to(sdt), p[1].to(sdt))
-        new = F.conv2d(h, p[2].to(dtype), padding=spec.conv1_padding)
-        del h
+        new = _conv_of_affine_relu(buf, _chunks(buf, c), p[0].to(sdt), p[1].to(sdt),
+                                   p[2].to(dtype), spec.conv1_padding)
         if spec.bottleneck:
             z = new
             if spec.training and group is None:
@@ -324,16 +368,17 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
         if spec.drop_rate > 0:
             g_new = g_new * masks[j] * (1.0 / (1.0 - spec.drop_rate))
         w1 = p[2].to(dtype)
-        inputs = buf[:, :c]
-        if inputs.device.type == "cpu":
-            # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided
-            # slice; GPU kernels read the slice at full speed, and the copy would add to the
-            # peak memory.
-            inputs = inputs.contiguous(memory_format=fmt)
-        scale1 = p[0].to(sdt)
-        h = _affine_relu(inputs, scale1, p[1].to(sdt))
+        scale1, shift1 = p[0].to(sdt), p[1].to(sdt)
+        chunks = _chunks(buf, c)
+        whole = None  # (input slice, its affine-ReLU) when the layer is one chunk: made once
         if spec.bottleneck:
-            z = F.conv2d(h, w1) if spec.recompute_bottleneck else saved_z[j]
+            if not spec.recompute_bottleneck:
+                z = saved_z[j]
+            elif len(chunks) == 1:
+                whole = _layer_input(buf, 0, c, scale1, shift1)
+                z = F.conv2d(whole[1], w1)
+            else:
+                z = _conv_of_affine_relu(buf, chunks, scale1, shift1, w1, 0)
             scale = p[3].to(sdt)
             if spec.training:
                 u = _affine_relu(z, scale2[j], shift2[j])
@@ -366,19 +411,38 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
         else:
             g_out = g_new
         pad = spec.conv1_padding
-        g_h, g_w1, _ = _aten.convolution_backward(
-            g_out, h, w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
-            [True, True, False])
-        g_h = _relu_backward_(g_h, h)
-        del h, g_out
-        _, g_scale1, g_shift1 = _affine_backward(g_h, inputs, scale1, grad_x=grad[:, :c])
-        del g_h, inputs
+        parts = []  # (g_w1, g_scale1, g_shift1) per chunk
+        for lo, hi in chunks:
+            inputs, h = whole or _layer_input(buf, lo, hi, scale1, shift1)
+            whole = None
+            g_h, g_w1, _ = _aten.convolution_backward(
+                g_out, h, w1[:, lo:hi], None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+                [True, True, False])
+            g_h = _relu_backward_(g_h, h)
+            del h
+            _, g_scale1, g_shift1 = _affine_backward(g_h, inputs, scale1[lo:hi],
+                                                     grad_x=grad[:, lo:hi])
+            del g_h, inputs
+            parts.append((g_w1, g_scale1, g_shift1))
+        del g_out
+        g_w1, g_scale1, g_shift1 = _joined(parts, (1, 0, 0))
         param_grads[base] = g_scale1
         param_grads[base + 1] = g_shift1
         param_grads[base + 2] = g_w1
 
     grad_x = channel_grad(0, c_in).to(x_dtype).contiguous(memory_format=fmt)
     return [grad_x] + [_like(g, p) for g, p in zip(param_grads, params, strict=True)]
+
+
+def _layer_input(buf, lo, hi, scale, shift):
+    """(buffer channels lo:hi, their affine-ReLU) as a layer's backward reads them."""
+    inputs = buf[:, lo:hi]
+    if inputs.device.type == "cpu":
+        # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided
+        # slice; GPU kernels read the slice at full speed, and the copy would add to the
+        # peak memory.
+        inputs = inputs.contiguous(memory_format=memory_format(buf))
+    return inputs, _affine_relu(inputs, scale[lo:hi], shift[lo:hi])
 
 
 def _like(grad, param):
@@ -388,36 +452,60 @@ def _like(grad, param):
 
 def reader_forward(buf, scale, shift, weight, global_pool):
     """BatchNorm-ReLU of the buffer, then a 2x2 average pool and a 1x1 conv (transition), or a
-    global average pool (head, ``weight`` None)."""
-    h = _affine_relu(buf, scale.to(_stat_dtype(buf.dtype)), shift.to(_stat_dtype(buf.dtype)))
+    global average pool (head, ``weight`` None); a slice of channels at a time."""
+    sdt = _stat_dtype(buf.dtype)
+    scale, shift = scale.to(sdt), shift.to(sdt)
     if global_pool:
-        return h.mean((2, 3))
+        pooled = [_affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi]).mean((2, 3))
+                  for lo, hi in _chunks(buf, buf.shape[1])]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
     # Pool, then conv: the same as conv-then-pool for a 1x1 conv, at a quarter of the cost.
-    pooled = F.avg_pool2d(h, 2)
-    return F.conv2d(pooled, weight.to(buf.dtype)).contiguous(memory_format=memory_format(buf))
+    weight = weight.to(buf.dtype)
+    out = None
+    for lo, hi in _chunks(buf, buf.shape[1]):
+        pooled = F.avg_pool2d(_affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi]), 2)
+        part = F.conv2d(pooled, weight[:, lo:hi])
+        out = part if out is None else out.add_(part)
+    return out.contiguous(memory_format=memory_format(buf))
 
 
 def reader_backward(grad_out, buf, scale, shift, weight, global_pool):
     """[dL/d(buffer), dL/d(scale), dL/d(shift)] (+ [dL/d(weight)] for a transition)."""
     dtype, sdt = buf.dtype, _stat_dtype(buf.dtype)
+    fmt = memory_format(buf)
     grad_out = grad_out.to(dtype)
-    scale32 = scale.to(sdt)
-    h = _affine_relu(buf, scale32, shift.to(sdt))
-    grad_weight = []
-    if global_pool:
-        area = h.shape[2] * h.shape[3]
-        g_h = (grad_out / area)[:, :, None, None].expand_as(h)
-    else:
-        pooled = F.avg_pool2d(h, 2)
-        g_pooled, g_w, _ = _aten.convolution_backward(
-            grad_out, pooled, weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-            1, [True, True, False])
-        grad_weight = [_like(g_w, weight)]
-        g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True, None)
-    g_h = _relu_backward_(g_h.contiguous(memory_format=memory_format(h)), h)
-    g_buf, g_scale, g_shift = _affine_backward(g_h, buf, scale32)
-    g_buf = g_buf.contiguous(memory_format=memory_format(buf))
-    return [g_buf, _like(g_scale, scale), _like(g_shift, shift)] + grad_weight
+    scale32, shift32 = scale.to(sdt), shift.to(sdt)
+    weight_c = None if global_pool else weight.to(dtype)
+    chunks = _chunks(buf, buf.shape[1])
+    g_buf = None if len(chunks) == 1 else torch.zeros_like(buf)
+    parts = []  # (g_scale, g_shift, g_weight) per chunk
+    for lo, hi in chunks:
+        x = buf[:, lo:hi]
+        h = _affine_relu(x, scale32[lo:hi], shift32[lo:hi])
+        if global_pool:
+            area = h.shape[2] * h.shape[3]
+            g_h = (grad_out[:, lo:hi] / area)[:, :, None, None].expand_as(h)
+            g_w = None
+        else:
+            pooled = F.avg_pool2d(h, 2)
+            g_pooled, g_w, _ = _aten.convolution_backward(
+                grad_out, pooled, weight_c[:, lo:hi], None, [1, 1], [0, 0], [1, 1], False,
+                [0, 0], 1, [True, True, False])
+            del pooled
+            g_h = _aten.avg_pool2d_backward(g_pooled, h, [2, 2], [2, 2], [0, 0], False, True,
+                                            None)
+            del g_pooled
+        g_h = _relu_backward_(g_h.contiguous(memory_format=memory_format(h)), h)
+        del h
+        g_x, g_scale, g_shift = _affine_backward(
+            g_h, x, scale32[lo:hi], grad_x=None if g_buf is None else g_buf[:, lo:hi])
+        del g_h
+        if g_buf is None:
+            g_buf = g_x
+        parts.append((g_scale, g_shift, g_w))
+    g_scale, g_shift, g_w = _joined(parts, (0, 0, 1))
+    grads = [g_buf.contiguous(memory_format=fmt), _like(g_scale, scale), _like(g_shift, shift)]
+    return grads + ([] if global_pool else [_like(g_w, weight)])
 
 
 # The operators. Fake implementations compute only shapes, dtypes and layouts, exactly as the

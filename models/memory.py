@@ -42,18 +42,24 @@ Peak of a training step (forward, backward, optimizer step): the largest of thes
 plus the input batch and the BatchNorm running statistics. c = C - k is the last layer's input.
   Forward, end of block b: 3P (the last step's gradients still exist) + everything saved so far,
     the block's included, + naive and torchvision: the block's list of features (C maps);
-    efficient: the block's input (c_in maps) and the last layer's working tensors (c + w maps,
-    and on a CPU its convolution's input reordered to a multiple of 16 channels).
+    efficient: the block's input (c_in maps) and the last layer's working tensors (s + w maps,
+    + w for the partial sums when s < c, and on a CPU its convolution's input reordered to a
+    multiple of 16 channels). s is the widest slice of channels the layer works on at once:
+    c, or fewer when c maps exceed efficient.CHUNK_BYTES (efficient.channel_chunks).
   Forward, end: 3P + everything saved.
   Backward, last layer of block b (its widest): 2P + the gradients of that layer and of all
     that follows the block + everything saved up to and including block b (for naive and
     torchvision, the block output's C maps stand for its gradient, which replaced them) +
     efficient (both modes): the buffer's incoming gradient and the gradient it accumulates into
-      (2C maps) + the last layer's working tensors: its output's gradient (k), the normalised,
-      ReLU'd input and its gradient (2c), the bottleneck's gradient (w) and, on a CPU, a
-      contiguous copy of the buffer slice (c) and oneDNN's reordered copies in the 1x1
-      convolution's backward (w, and c rounded up to a multiple of 16 unless channels_last;
-      without a bottleneck: no w terms, and oneDNN's copies are k and c rounded up);
+      (2C maps) + the last layer's working tensors: its output's gradient (k), a slice of its
+      normalised, ReLU'd input and that slice's gradient (2s), the bottleneck's gradient (w)
+      and, on a CPU, a contiguous copy of the buffer slice (s) and oneDNN's reordered copies in
+      the 1x1 convolution's backward (w, and s rounded up to a multiple of 16 unless
+      channels_last; without a bottleneck: no w terms, and oneDNN's copies are k and s rounded
+      up); or, if larger, the moment before: the bottleneck's backward, with its output's
+      gradient (k), the BatchNorm-ReLU'd bottleneck output and its gradient (2w), the
+      recomputed bottleneck output (w, recompute_bottleneck only) and on a CPU oneDNN's copies
+      of the last two (2w);
     naive and torchvision: the last layer's input gradients (2c + w) and on a CPU oneDNN's
       copies (w + c rounded up to a multiple of 16 unless channels_last).
   Optimizer step (demo.py's SGD with Nesterov momentum and weight decay): 3P, + P on a CPU
@@ -69,6 +75,8 @@ caching allocator's rounding and fragmentation, and have not been checked on a G
 import math
 import numbers
 from dataclasses import dataclass
+
+from .efficient import channel_chunks
 
 MODES = ("naive", "efficient", "recompute_bottleneck", "torchvision_memory_efficient")
 BOTTLENECK_MODES = ("recompute_bottleneck", "torchvision_memory_efficient")
@@ -316,13 +324,23 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
         backward = fixed + 2 * FLOAT * p + FLOAT * grads + held + block
         forward = fixed + 3 * FLOAT * p + held + block
         if mode in ("efficient", "recompute_bottleneck"):
-            copy = c if cpu else 0
+            # s: the widest slice of channels the last layer works on at once (c unless chunked)
+            s = channel_chunks(c, m)[0][1]
+            out = w or k  # what its first convolution produces
+            partial = out if s < c else 0  # with chunks, the partial sums' accumulator
+            copy = s if cpu else 0
             if w:
-                work = k + copy + 2 * c + w + (w + onednn_copy(c) if cpu else 0)
+                work = k + copy + 2 * s + w + (w + onednn_copy(s) if cpu else 0)
+                # Before the slices, the bottleneck's backward: (recomputed z,) u, u's gradient
+                # and on a CPU oneDNN's copies of both.
+                bottleneck = k + (3 if mode == "recompute_bottleneck" else 2) * w \
+                    + (2 * w if cpu else 0)
+                work = max(work, bottleneck)
             else:
-                work = k + copy + 2 * c + (k + onednn_copy(c) if cpu else 0)
+                work = k + copy + 2 * s + (k + onednn_copy(s) if cpu else 0)
             found[f"backward, block {i + 1}"] = backward + (2 * b.c_out + work) * m
-            found[f"forward, block {i + 1}"] = forward + (b.c_in + c + w + onednn_copy(c)) * m
+            found[f"forward, block {i + 1}"] = \
+                forward + (b.c_in + s + out + partial + onednn_copy(s)) * m
         else:
             work = 2 * c + w + (w + onednn_copy(c) if cpu else 0)
             found[f"backward, block {i + 1}"] = backward + work * m

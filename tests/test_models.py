@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from measure import saved_tensor_bytes
 from models import DenseNet, depth_to_config
+from models import efficient as efficient_ops
 from models.densenet import _DenseBlock
 from models.efficient import BlockSpec, DenseBlockFunction, ReaderFunction
 
@@ -88,6 +89,44 @@ def test_efficient_matches_naive_float64(kwargs, batch):
 def test_efficient_matches_naive_float32(kwargs):
     naive, efficient = make_pair(torch.float32, **kwargs)
     assert_same_step(naive, efficient, torch.randn(4, 3, 16, 12), 1e-4)
+
+
+@pytest.mark.parametrize("kwargs", CASES[:6] + [dict(TINY, drop_rate=0.3)],
+                         ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()
+                                                if a not in TINY or TINY[a] != b))
+@pytest.mark.parametrize("chunk_channels", [1, 5])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_layers_and_readers_in_channel_chunks_match_naive(kwargs, chunk_channels, layout,
+                                                          monkeypatch):
+    # Slices of chunk_channels channels in the first block (more at lower resolutions).
+    size = (11, 7) if kwargs.get("small_inputs", True) else (37, 29)
+    x = torch.randn(3, 3, *size, dtype=torch.float64).contiguous(memory_format=layout)
+    first_block = size if kwargs.get("small_inputs", True) else (10, 8)
+    monkeypatch.setattr(efficient_ops, "CHUNK_BYTES",
+                        chunk_channels * 3 * first_block[0] * first_block[1] * 8)
+    naive, efficient = make_pair(torch.float64, **kwargs)
+    naive.to(memory_format=layout)
+    efficient.to(memory_format=layout)
+    assert len(efficient_ops._chunks(x.new_empty(3, 10, *first_block), 10)) > 1
+    assert_same_step(naive, efficient, x, 1e-10)
+    naive, efficient = make_pair(torch.float64, **kwargs)  # eval, with distinct statistics
+    for name, buffer in naive.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 1.5)
+    efficient.load_state_dict(naive.state_dict())
+    naive.to(memory_format=layout)
+    efficient.to(memory_format=layout)
+    assert_same_step(naive.eval(), efficient.eval(), x, 1e-10)
+
+
+def test_channel_chunks():
+    mib = 2**20
+    assert efficient_ops.channel_chunks(216, 256 * 1024) == [(0, 216)]  # BC-100, batch 64
+    chunks = efficient_ops.channel_chunks(2568, 256 * 1024)  # BC-1276's widest layer
+    assert chunks[0] == (0, 256) and chunks[-1] == (2560, 2568) and len(chunks) == 11
+    assert all(b - a == 256 for a, b in chunks[:-1])
+    assert efficient_ops.channel_chunks(3, 65 * mib) == [(0, 1), (1, 2), (2, 3)]
+    assert efficient_ops.channel_chunks(40, 3 * mib) == [(0, 16), (16, 32), (32, 40)]
 
 
 def test_cumulative_moving_average_momentum_none():
@@ -183,7 +222,9 @@ def test_no_grad_saves_nothing_and_updates_stats_once():
     assert set(counts.values()) == {1}
 
 
-def test_gradcheck_dense_block():
+@pytest.mark.parametrize("chunk_bytes", [efficient_ops.CHUNK_BYTES, 1])
+def test_gradcheck_dense_block(chunk_bytes, monkeypatch):
+    monkeypatch.setattr(efficient_ops, "CHUNK_BYTES", chunk_bytes)  # 1: one channel at a time
     torch.manual_seed(0)
     block = _DenseBlock(num_layers=2, num_input_features=3, bn_size=2, growth_rate=2,
                         drop_rate=0.0).double()
@@ -206,7 +247,9 @@ def test_gradcheck_dense_block():
             assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-6)
 
 
-def test_gradcheck_reader():
+@pytest.mark.parametrize("chunk_bytes", [efficient_ops.CHUNK_BYTES, 1])
+def test_gradcheck_reader(chunk_bytes, monkeypatch):
+    monkeypatch.setattr(efficient_ops, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     buf = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     scale = torch.randn(3, dtype=torch.float64, requires_grad=True)
