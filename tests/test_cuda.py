@@ -40,6 +40,7 @@ from benchmarks.common import bc_config, build, run_in_fresh_process
 from benchmarks.compare import _peak_worker
 from measure import cpu_name
 from models import DenseNet
+from models import efficient as efficient_ops
 from training.build import make_optimizer
 from training.devices import Autocast
 from training.step import WARMUP_STEPS, EagerStep, GraphedStep
@@ -227,6 +228,24 @@ def test_efficient_matches_naive_training_step(precision, channels_last, variant
                if not eff_err[n] <= C * naive_err[n] + FLOOR * scale}
     assert not too_far, (f"efficient vs naive error (median naive error {scale:.3g}): {too_far}")
     assert statistics.median(eff_err.values()) <= MEDIAN_RATIO * scale
+
+
+@pytest.mark.parametrize("variant", ["bc", "recompute", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_layers_in_channel_chunks_match_naive(dtype, channels_last, variant, exact_float32,
+                                              monkeypatch):
+    # Slices of 5 channels in the first block: layers and readers cut their work into chunks
+    # (strided buffer slices and weight slices into cuDNN), as deep networks do.
+    x = torch.randn(8, 3, 16, 16, dtype=dtype, device=DEVICE)
+    monkeypatch.setattr(efficient_ops, "CHUNK_BYTES", 5 * x[:, :1].nbytes)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    naive, efficient = make_pair(dtype, **dict(SMALL, **VARIANTS[variant]))
+    for model in (naive, efficient):
+        model.to(DEVICE, memory_format=memory_format)
+    assert len(efficient_ops._chunks(x.new_empty(8, 12, 16, 16), 12)) == 3
+    assert_same_step(naive, efficient, x.contiguous(memory_format=memory_format),
+                     1e-10 if dtype == torch.float64 else 1e-4)
 
 
 # --- 2. 50 training steps, and the fp16 gradient scaler --------------------------------------
