@@ -59,7 +59,8 @@ plus the input batch and the BatchNorm running statistics. c = C - k is the last
       up); or, if larger, the moment before: the bottleneck's backward, with its output's
       gradient (k), the BatchNorm-ReLU'd bottleneck output and its gradient (2w), the
       recomputed bottleneck output (w, recompute_bottleneck only) and on a CPU oneDNN's copies
-      of the last two (2w);
+      of the last two (2w). Efficient modes also at the block's first layer: its working tensors
+      (as above, reading c_in channels), with the gradients of the whole block;
     naive and torchvision: the last layer's input gradients (2c + w) and on a CPU oneDNN's
       copies (w + c rounded up to a multiple of 16 unless channels_last).
   Optimizer step (demo.py's SGD with Nesterov momentum and weight decay): 3P, + P on a CPU
@@ -324,21 +325,27 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
         backward = fixed + 2 * FLOAT * p + FLOAT * grads + held + block
         forward = fixed + 3 * FLOAT * p + held + block
         if mode in ("efficient", "recompute_bottleneck"):
-            # s: the widest slice of channels the last layer works on at once (c unless chunked)
-            s = channel_chunks(c, m)[0][1]
-            out = w or k  # what its first convolution produces
-            partial = out if s < c else 0  # with chunks, the partial sums' accumulator
-            copy = s if cpu else 0
-            if w:
-                work = k + copy + 2 * s + w + (w + onednn_copy(s) if cpu else 0)
-                # Before the slices, the bottleneck's backward: (recomputed z,) u, u's gradient
-                # and on a CPU oneDNN's copies of both.
+            def layer_work(c, m=m):
+                """A layer's working tensors in backward, reading c channels (see docstring)."""
+                s = channel_chunks(c, m)[0][1]  # the widest slice it works on at once
+                copy = s if cpu else 0
+                if not w:
+                    return k + copy + 2 * s + (k + onednn_copy(s) if cpu else 0)
+                slices = k + copy + 2 * s + w + (w + onednn_copy(s) if cpu else 0)
                 bottleneck = k + (3 if mode == "recompute_bottleneck" else 2) * w \
                     + (2 * w if cpu else 0)
-                work = max(work, bottleneck)
-            else:
-                work = k + copy + 2 * s + (k + onednn_copy(s) if cpu else 0)
-            found[f"backward, block {i + 1}"] = backward + (2 * b.c_out + work) * m
+                return max(slices, bottleneck)
+
+            found[f"backward, block {i + 1}"] = backward + (2 * b.c_out + layer_work(c)) * m
+            # The block's first layer: its work may be as large (chunks, bottleneck), and the
+            # gradients of the whole block exist by then.
+            first = fixed + 2 * FLOAT * p + held + block + FLOAT * (
+                sum(param_parts[i]) + sum(sum(pair) for pair in param_parts[i + 1:]))
+            found[f"backward, block {i + 1}, first layer"] = \
+                first + (2 * b.c_out + layer_work(b.c_in)) * m
+            s = channel_chunks(c, m)[0][1]
+            out = w or k  # what the last layer's first convolution produces
+            partial = out if s < c else 0  # with chunks, the partial sums' accumulator
             found[f"forward, block {i + 1}"] = \
                 forward + (b.c_in + s + out + partial + onednn_copy(s)) * m
         else:
