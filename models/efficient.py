@@ -33,7 +33,8 @@ gradient, would each be as large as the buffer slice the layer reads: in a deep 
 buffers' worth of temporaries on top of what is saved. A convolution is a sum over its input
 channels, and the affine map, the ReLU and their gradients act per channel, so a layer that reads
 more than CHUNK_BYTES of maps does all of this a slice of channels at a time (the partial
-convolutions added up) and its temporaries stay within CHUNK_BYTES each; the transitions and
+convolutions added up, in float32 for half precision) and its temporaries stay within
+CHUNK_BYTES each; the transitions and
 the head read the buffer the same way. A block's backward then holds its incoming gradient and
 the gradient it accumulates (two buffers) plus chunk-sized temporaries. Layers small enough for
 one chunk (all of DenseNet-BC-100's at batch 64 in float32) run exactly as without chunks.
@@ -120,14 +121,27 @@ def _joined(parts, dims):
                  for field, dim in zip(zip(*parts, strict=True), dims, strict=True))
 
 
+def _sum_over_chunks(chunks, partial):
+    """The sum of partial(lo, hi) over the chunks. Several half-precision terms add up in float32
+    and are rounded once, as one convolution over all channels rounds its result."""
+    if len(chunks) == 1:
+        return partial(*chunks[0])
+    total = None
+    for lo, hi in chunks:
+        part = partial(lo, hi)
+        if total is None:
+            dtype, total = part.dtype, part.to(_stat_dtype(part.dtype))
+        else:
+            total.add_(part)
+        del part  # before the next slice's tensors exist
+    return total.to(dtype)
+
+
 def _conv_of_affine_relu(buf, chunks, scale, shift, weight, padding):
     """conv2d(relu(scale * buf[:, :c] + shift), weight), one slice of channels at a time."""
-    out = None
-    for lo, hi in chunks:
-        h = _affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi])
-        part = F.conv2d(h, weight[:, lo:hi], padding=padding)
-        out = part if out is None else out.add_(part)
-    return out
+    return _sum_over_chunks(chunks, lambda lo, hi: F.conv2d(
+        _affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi]), weight[:, lo:hi],
+        padding=padding))
 
 
 _IDENTITY = {}  # (device, dtype) -> (zeros, ones), grown as needed: two launches fewer per call
@@ -461,11 +475,9 @@ def reader_forward(buf, scale, shift, weight, global_pool):
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
     # Pool, then conv: the same as conv-then-pool for a 1x1 conv, at a quarter of the cost.
     weight = weight.to(buf.dtype)
-    out = None
-    for lo, hi in _chunks(buf, buf.shape[1]):
-        pooled = F.avg_pool2d(_affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi]), 2)
-        part = F.conv2d(pooled, weight[:, lo:hi])
-        out = part if out is None else out.add_(part)
+    out = _sum_over_chunks(_chunks(buf, buf.shape[1]), lambda lo, hi: F.conv2d(
+        F.avg_pool2d(_affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi]), 2),
+        weight[:, lo:hi]))
     return out.contiguous(memory_format=memory_format(buf))
 
 

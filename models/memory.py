@@ -42,10 +42,11 @@ Peak of a training step (forward, backward, optimizer step): the largest of thes
 plus the input batch and the BatchNorm running statistics. c = C - k is the last layer's input.
   Forward, end of block b: 3P (the last step's gradients still exist) + everything saved so far,
     the block's included, + naive and torchvision: the block's list of features (C maps);
-    efficient: the block's input (c_in maps) and the last layer's working tensors (s + w maps,
-    + w for the partial sums when s < c, and on a CPU its convolution's input reordered to a
-    multiple of 16 channels). s is the widest slice of channels the layer works on at once:
-    c, or fewer when c maps exceed efficient.CHUNK_BYTES (efficient.channel_chunks).
+    efficient: the block's input (c_in maps) and the last layer's working tensors (s + o maps,
+    where o = w, or k without a bottleneck, + o in float32 for the partial sums when s < c, and
+    on a CPU its convolution's input reordered to a multiple of 16 channels). s is the widest
+    slice of channels the layer works on at once: c, or fewer when c maps exceed
+    efficient.CHUNK_BYTES (efficient.channel_chunks).
   Forward, end: 3P + everything saved.
   Backward, last layer of block b (its widest): 2P + the gradients of that layer and of all
     that follows the block + everything saved up to and including block b (for naive and
@@ -58,9 +59,11 @@ plus the input batch and the BatchNorm running statistics. c = C - k is the last
       channels_last; without a bottleneck: no w terms, and oneDNN's copies are k and s rounded
       up); or, if larger, the moment before: the bottleneck's backward, with its output's
       gradient (k), the BatchNorm-ReLU'd bottleneck output and its gradient (2w), the
-      recomputed bottleneck output (w, recompute_bottleneck only) and on a CPU oneDNN's copies
-      of the last two (2w). Efficient modes also at the block's first layer: its working tensors
-      (as above, reading c_in channels), with the gradients of the whole block;
+      recomputed bottleneck output (w, recompute_bottleneck only, with, when the layer is one
+      slice, that slice and its copy kept for the slices' step) and on a CPU oneDNN's copies of
+      the last two (2w). Efficient modes: the largest of this at the block's last layer, at its
+      first and at the first layer whose input fills a whole slice (with chunks the work stops
+      growing there), each with the gradients of its own and all later layers;
     naive and torchvision: the last layer's input gradients (2c + w) and on a CPU oneDNN's
       copies (w + c rounded up to a multiple of 16 unless channels_last).
   Optimizer step (demo.py's SGD with Nesterov momentum and weight decay): 3P, + P on a CPU
@@ -332,20 +335,30 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
                 if not w:
                     return k + copy + 2 * s + (k + onednn_copy(s) if cpu else 0)
                 slices = k + copy + 2 * s + w + (w + onednn_copy(s) if cpu else 0)
-                bottleneck = k + (3 if mode == "recompute_bottleneck" else 2) * w \
-                    + (2 * w if cpu else 0)
+                bottleneck = k + 2 * w + (2 * w if cpu else 0)
+                if mode == "recompute_bottleneck":  # z, and with one slice its input and h
+                    bottleneck += w + (s + copy if s == c else 0)
                 return max(slices, bottleneck)
 
-            found[f"backward, block {i + 1}"] = backward + (2 * b.c_out + layer_work(c)) * m
-            # The block's first layer: its work may be as large (chunks, bottleneck), and the
-            # gradients of the whole block exist by then.
-            first = fixed + 2 * FLOAT * p + held + block + FLOAT * (
-                sum(param_parts[i]) + sum(sum(pair) for pair in param_parts[i + 1:]))
-            found[f"backward, block {i + 1}, first layer"] = \
-                first + (2 * b.c_out + layer_work(b.c_in)) * m
+            def later_grads(j, b=b, i=i):
+                """Parameter gradients that exist at the backward of block i's layer j."""
+                layers = b.layers - j
+                inputs = layers * b.c_in + k * (b.layers - 1 + j) * layers // 2  # sum of c_j
+                own = 2 * inputs + (inputs * w + layers * (2 * w + 9 * w * k) if w
+                                    else 9 * k * inputs)
+                return own + param_parts[i][1] + sum(sum(pair) for pair in param_parts[i + 1:])
+
+            # The widest layer, the first, and the first whose input fills a whole slice: with
+            # chunks the work stops growing there while the gradients of the block accumulate.
+            step = channel_chunks(c, m)[0][1]
+            candidates = {b.layers - 1, 0, min(b.layers - 1, max(0, -(-(step - b.c_in) // k)))}
+            found[f"backward, block {i + 1}"] = max(
+                fixed + 2 * FLOAT * p + FLOAT * later_grads(j) + held + block
+                + (2 * b.c_out + layer_work(b.c_in + j * k)) * m for j in candidates)
             s = channel_chunks(c, m)[0][1]
             out = w or k  # what the last layer's first convolution produces
-            partial = out if s < c else 0  # with chunks, the partial sums' accumulator
+            # With chunks, the partial sums' accumulator (float32)
+            partial = out * FLOAT // d if s < c else 0
             found[f"forward, block {i + 1}"] = \
                 forward + (b.c_in + s + out + partial + onednn_copy(s)) * m
         else:

@@ -320,11 +320,15 @@ def test_saved_bytes_efficient_far_below_naive_and_checkpointing():
     assert efficient_bytes <= 1.02 * (buffers + bottlenecks) + params + x.numel() * 4
 
 
-def test_autocast_bf16_as_accurate_as_naive():
+@pytest.mark.parametrize("chunk_channels", [None, 1], ids=["whole", "chunks of one channel"])
+def test_autocast_bf16_as_accurate_as_naive(chunk_channels, monkeypatch):
     # bf16 rounding makes the two modes differ by far more than float32 does, so each is compared
-    # with the float32 result: the efficient mode must not be less accurate than the naive one.
+    # with the float32 result: the efficient mode must not be less accurate than the naive one,
+    # also when every layer sums its convolution over one-channel slices.
     naive, efficient = make_pair(torch.float32, **dict(TINY, growth_rate=6))
     x = torch.randn(8, 3, 12, 12)
+    if chunk_channels:
+        monkeypatch.setattr(efficient_ops, "CHUNK_BYTES", chunk_channels * 8 * 12 * 12 * 2)
     exact = training_step(naive, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = training_step(naive, x)
