@@ -177,12 +177,37 @@ def _values_per_channel(buf, group):
     return count * (dist.get_world_size(group) if group is not None else 1)
 
 
-def _check_positive_int(name, value, allow_zero=False):
+def check_positive_int(name, value, allow_zero=False):
+    """int(value), or ValueError naming ``name`` unless it is a positive (non-negative) integer."""
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) \
         and (value >= 0 if allow_zero else value >= 1)
     if not ok:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+    return int(value)
+
+
+def check_architecture(growth_rate, block_config, compression, num_init_features, bn_size,
+                       drop_rate, num_classes):
+    """ValueError for an architecture DenseNet refuses; returns bn_size as an int (0: none)."""
+    check_positive_int("growth_rate", growth_rate)
+    check_positive_int("num_init_features", num_init_features)
+    check_positive_int("num_classes", num_classes)
+    bn_size = check_positive_int("bn_size", bn_size or 0, allow_zero=True)
+    if isinstance(block_config, (str, bytes)) or not hasattr(block_config, "__len__") \
+            or len(block_config) == 0:
+        raise ValueError(
+            f"block_config must be a non-empty sequence of positive integers, "
+            f"got {block_config!r}")
+    for n in block_config:
+        check_positive_int("each entry of block_config", n)
+    if isinstance(compression, bool) or not isinstance(compression, numbers.Real) \
+            or not 0 < compression <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real) \
+            or not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    return bn_size
 
 
 class DenseNet(nn.Module):
@@ -205,25 +230,8 @@ class DenseNet(nn.Module):
                  num_init_features=24, bn_size=4, drop_rate=0.0, num_classes=10,
                  small_inputs=True, efficient=False, recompute_bottleneck=False):
         super().__init__()
-        _check_positive_int("growth_rate", growth_rate)
-        _check_positive_int("num_init_features", num_init_features)
-        _check_positive_int("num_classes", num_classes)
-        if bn_size is None:
-            bn_size = 0
-        _check_positive_int("bn_size", bn_size, allow_zero=True)
-        if isinstance(block_config, (str, bytes)) or not hasattr(block_config, "__len__") \
-                or len(block_config) == 0:
-            raise ValueError(
-                f"block_config must be a non-empty sequence of positive integers, "
-                f"got {block_config!r}")
-        for n in block_config:
-            _check_positive_int("each entry of block_config", n)
-        if isinstance(compression, bool) or not isinstance(compression, numbers.Real) \
-                or not 0 < compression <= 1:
-            raise ValueError(f"compression must be in (0, 1], got {compression!r}")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real) \
-                or not 0 <= drop_rate < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        bn_size = check_architecture(growth_rate, block_config, compression, num_init_features,
+                                     bn_size, drop_rate, num_classes)
         for name, flag in [("small_inputs", small_inputs), ("efficient", efficient),
                            ("recompute_bottleneck", recompute_bottleneck)]:
             if not isinstance(flag, bool):

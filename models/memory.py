@@ -80,6 +80,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .densenet import check_architecture, check_positive_int
 from .efficient import channel_chunks
 
 MODES = ("naive", "efficient", "recompute_bottleneck", "torchvision_memory_efficient")
@@ -123,39 +124,17 @@ class Network:
         return self.blocks[-1].c_out
 
 
-def _positive_int(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or value < (0 if allow_zero else 1):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
-    return int(value)
-
-
 def network(growth_rate=12, block_config=(16, 16, 16), compression=0.5, num_init_features=24,
             bn_size=4, drop_rate=0.0, num_classes=10, small_inputs=True, image_size=32):
     """The shapes of DenseNet(...) (same arguments) on images of ``image_size`` (an int or
     (height, width)). ValueError for arguments DenseNet refuses or images too small for it."""
-    _positive_int("growth_rate", growth_rate)
-    _positive_int("num_init_features", num_init_features)
-    _positive_int("num_classes", num_classes)
-    bn_size = _positive_int("bn_size", bn_size or 0, allow_zero=True)
-    if isinstance(block_config, (str, bytes)) or not hasattr(block_config, "__len__") \
-            or not block_config:
-        raise ValueError(f"block_config must be a non-empty sequence of positive integers, "
-                         f"got {block_config!r}")
-    for layers in block_config:
-        _positive_int("each entry of block_config", layers)
-    if isinstance(compression, bool) or not isinstance(compression, numbers.Real) \
-            or not 0 < compression <= 1:
-        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real) \
-            or not 0 <= drop_rate < 1:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    bn_size = check_architecture(growth_rate, block_config, compression, num_init_features,
+                                 bn_size, drop_rate, num_classes)
     size = (image_size, image_size) if isinstance(image_size, numbers.Integral) \
         else tuple(image_size)
     if len(size) != 2:
         raise ValueError(f"image_size must be an integer or (height, width), got {image_size!r}")
-    height, width = (_positive_int("image_size", s) for s in size)
+    height, width = (check_positive_int("image_size", s) for s in size)
     if small_inputs:
         stem = h, w = height, width
     else:  # 7x7 stride-2 conv, then 3x3 stride-2 max-pool, both padded
@@ -227,7 +206,7 @@ def state_bytes(net):
 
 
 def _check(net, batch_size, mode, amp):
-    _positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode not in modes(net):
@@ -350,12 +329,11 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
 
             # The widest layer, the first, and the first whose input fills a whole slice: with
             # chunks the work stops growing there while the gradients of the block accumulate.
-            step = channel_chunks(c, m)[0][1]
-            candidates = {b.layers - 1, 0, min(b.layers - 1, max(0, -(-(step - b.c_in) // k)))}
+            s = channel_chunks(c, m)[0][1]  # the last layer's widest slice
+            candidates = {b.layers - 1, 0, min(b.layers - 1, max(0, -(-(s - b.c_in) // k)))}
             found[f"backward, block {i + 1}"] = max(
                 fixed + 2 * FLOAT * p + FLOAT * later_grads(j) + held + block
                 + (2 * b.c_out + layer_work(b.c_in + j * k)) * m for j in candidates)
-            s = channel_chunks(c, m)[0][1]
             out = w or k  # what the last layer's first convolution produces
             # With chunks, the partial sums' accumulator (float32)
             partial = out * FLOAT // d if s < c else 0
