@@ -400,11 +400,7 @@ def test_peak_training_memory_efficient_below_checkpointing_below_naive(record_p
 
 # --- 5. torch.compile --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", [
-    "naive",
-    pytest.param("efficient", marks=pytest.mark.xfail(
-        strict=False, reason="until the custom-op block lands (issue 9)")),
-])
+@pytest.mark.parametrize("impl", ["naive", "efficient"])
 def test_torch_compile_fullgraph_matches_eager(impl, exact_float32):
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 from test_demo import ENV, ROOT, assert_ok, free_port, load, read_rows, tiny_args, without_timing
+from test_run_control import start, wait_for
 
 ON_CPU = os.environ.get("DENSENET_CUDA_TESTS_ON_CPU") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -59,16 +60,10 @@ def test_kill_during_epoch_2_and_resume_is_bitwise_equal_when_deterministic(tmp_
     assert_ok(demo(tiny_args(reference, **args)))
     save = tmp_path / "killed"
     output = tmp_path / "killed.txt"
-    with open(output, "w") as file:
-        process = subprocess.Popen([sys.executable, str(ROOT / "demo.py"),
-                                    *tiny_args(save, **args)], cwd=ROOT, env=GPU_ENV,
-                                   stdout=file, stderr=subprocess.STDOUT)
+    process = start(tiny_args(save, **args), output, env=GPU_ENV)
     try:
-        deadline = time.monotonic() + 300
-        while "epoch 2/3 step 5/" not in output.read_text():
-            assert process.poll() is None, output.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: "epoch 2/3 step 5/" in output.read_text(), process, timeout=300,
+                 what="epoch 2's step 5")
         process.send_signal(signal.SIGKILL)
         process.wait()
     finally:
@@ -90,16 +85,10 @@ def test_sigterm_mid_epoch_and_resume_is_bitwise_equal_when_deterministic(tmp_pa
     assert_ok(demo(tiny_args(reference, **args)))
     save = tmp_path / "stopped"
     output = tmp_path / "stopped.txt"
-    with open(output, "w") as file:
-        process = subprocess.Popen([sys.executable, str(ROOT / "demo.py"),
-                                    *tiny_args(save, **args)], cwd=ROOT, env=GPU_ENV,
-                                   stdout=file, stderr=subprocess.STDOUT)
+    process = start(tiny_args(save, **args), output, env=GPU_ENV)
     try:
-        deadline = time.monotonic() + 300
-        while "epoch 1/2 step 3/" not in output.read_text():
-            assert process.poll() is None, output.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: "epoch 1/2 step 3/" in output.read_text(), process, timeout=300,
+                 what="epoch 1's step 3")
         time.sleep(random.Random(1).uniform(0, 0.2))
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 143, output.read_text()

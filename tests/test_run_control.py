@@ -55,12 +55,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def start(args, output, slow_writes=False):
+def start(args, output, slow_writes=False, env=ENV):
     """demo.py in the background, stdout and stderr into the file `output`."""
     prefix = ["-c", SLOW_WRITES] if slow_writes else []
     with open(output, "w") as file:
         return subprocess.Popen([sys.executable, *prefix, str(ROOT / "demo.py"), *map(str, args)],
-                                cwd=ROOT, env=ENV, stdout=file, stderr=subprocess.STDOUT)
+                                cwd=ROOT, env=env, stdout=file, stderr=subprocess.STDOUT)
 
 
 def wait_for(condition, process, timeout=60, what="the condition"):
@@ -121,7 +121,8 @@ def test_a_running_run_refuses_a_resume_and_leaves_its_files(tmp_path):
     args = tiny_args(save, n_epochs=40, fake_size="512,48", valid_size=64)
     process = start(args, tmp_path / "out.txt")
     try:
-        wait_for(lambda: (save / "checkpoint.pt").exists(), process, what="a checkpoint")
+        # Epoch 1 writes checkpoint.pt, then model_best.pt: after that, both exist.
+        wait_for(lambda: (save / "model_best.pt").exists(), process, what="epoch 1's files")
         before = file_names(save)
         result = run_demo([*args, "--resume", "True"])
         assert_usage_error(result, "in use by PID", str(process.pid))
