@@ -34,17 +34,10 @@ buffers' worth of temporaries on top of what is saved. A convolution is a sum ov
 channels, and the affine map, the ReLU and their gradients act per channel, so a layer that reads
 more than CHUNK_BYTES of maps does all of this a slice of channels at a time (the partial
 convolutions added up, in float32 for half precision) and its temporaries stay within
-CHUNK_BYTES each; the transitions and the head read the buffer the same way. A block's backward
-then holds its incoming gradient and the gradient it accumulates (two buffers) plus chunk-sized
-temporaries. Layers small enough for one chunk (all of DenseNet-BC-100's at batch 64 in float32)
-run exactly as without chunks.
-
-On a CPU those per-layer temporaries live in scratch tensors allocated once per block call (one
-in forward, the affine-ReLU'd input; two in backward, with a contiguous copy of the slice),
-sized for the widest slice. A fresh CPU tensor larger than glibc's mmap threshold (at most
-32 MiB) is mapped anew and page-faulted on first touch, which costs several times the kernel
-that fills it; reusing the memory made a BC-100 step about 15% faster. CUDA's caching allocator
-already reuses memory, so there each temporary is a new tensor, freed as soon as it is used.
+CHUNK_BYTES each; the transitions and
+the head read the buffer the same way. A block's backward then holds its incoming gradient and
+the gradient it accumulates (two buffers) plus chunk-sized temporaries. Layers small enough for
+one chunk (all of DenseNet-BC-100's at batch 64 in float32) run exactly as without chunks.
 
 What is saved for backward, in all: per block the buffer (in the compute dtype), the bottleneck
 outputs (unless ``recompute_bottleneck``), a bool mask per layer when dropout is on, and small
@@ -144,33 +137,11 @@ def _sum_over_chunks(chunks, partial):
     return total.to(dtype)
 
 
-def _conv_of_affine_relu(buf, chunks, scale, shift, weight, padding, scratch=None):
-    """conv2d(relu(scale * buf[:, :c] + shift), weight), one slice of channels at a time; the
-    affine-ReLU'd slices are written into ``scratch[0]`` when given."""
-    def partial(lo, hi):
-        x = buf[:, lo:hi]
-        out = None if scratch is None else _maps_in(scratch[0], x)
-        return F.conv2d(_affine_relu(x, scale[lo:hi], shift[lo:hi], out), weight[:, lo:hi],
-                        padding=padding)
-
-    return _sum_over_chunks(chunks, partial)
-
-
-def _scratch(buf, channels, count):
-    """``count`` reusable flat tensors, each room for ``channels`` of ``buf``'s maps, for a
-    block's per-layer temporaries on a CPU; None on other devices (see "Working memory")."""
-    if buf.device.type != "cpu":
-        return None
-    return [buf.new_empty(buf[:, :channels].numel()) for _ in range(count)]
-
-
-def _maps_in(flat, like):
-    """A tensor shaped and laid out like the 4-d ``like``, on the start of ``flat``."""
-    n, c, height, width = like.shape
-    flat = flat[:like.numel()]
-    if memory_format(like) == torch.channels_last:
-        return flat.view(n, height, width, c).permute(0, 3, 1, 2)
-    return flat.view(n, c, height, width)
+def _conv_of_affine_relu(buf, chunks, scale, shift, weight, padding):
+    """conv2d(relu(scale * buf[:, :c] + shift), weight), one slice of channels at a time."""
+    return _sum_over_chunks(chunks, lambda lo, hi: F.conv2d(
+        _affine_relu(buf[:, lo:hi], scale[lo:hi], shift[lo:hi]), weight[:, lo:hi],
+        padding=padding))
 
 
 _IDENTITY = {}  # (device, dtype) -> (zeros, ones), grown as needed: two launches fewer per call
@@ -186,22 +157,16 @@ def _identity_stats(like, n=None):
     return cached[0][:n], cached[1][:n]
 
 
-def _affine_relu(x, scale, shift, out=None):
-    """relu(scale * x + shift) per channel, into ``out`` or a new tensor.
+def _affine_relu(x, scale, shift):
+    """relu(scale * x + shift) per channel, into a new tensor.
 
     BatchNorm's inference kernel with mean 0, variance 1 and eps 0 is exactly this affine map,
     with float32 scale and shift even for half-precision x (one rounding, as nn.BatchNorm2d).
     torch.batch_norm, not F.batch_norm: torch 2.11's F.batch_norm refuses eps 0.
     """
     mean, var = _identity_stats(scale)
-    if out is None:
-        out = torch.batch_norm(x, scale, shift, mean, var, False, 0.0, 0.0,
-                               torch.backends.cudnn.enabled)
-    else:
-        unused = scale.new_empty(0)
-        _aten.native_batch_norm.out(x, scale, shift, mean, var, False, 0.0, 0.0, out=out,
-                                    save_mean=unused, save_invstd=unused)
-    return out.relu_()
+    return torch.batch_norm(x, scale, shift, mean, var, False, 0.0, 0.0,
+                            torch.backends.cudnn.enabled).relu_()
 
 
 def _affine_backward(grad_y, x, scale, grad_x=None):
@@ -332,8 +297,6 @@ def block_forward(spec, x, params, dtype, keep_for_backward):
     z_mean = torch.empty((num_layers, width2), dtype=sdt, device=x.device)
     z_invstd = torch.empty((num_layers, width2), dtype=sdt, device=x.device)
     saved_z, masks = [], []
-    widest = _chunks(buf, c_total - k)[0][1]  # the widest slice a layer reads
-    scratch = _scratch(buf, widest, 1)
 
     def store(lo, hi, features):
         features = features.to(dtype)
@@ -354,7 +317,7 @@ def block_forward(spec, x, params, dtype, keep_for_backward):
         c = c_in + j * k
         p = params[j * spec.params_per_layer:(j + 1) * spec.params_per_layer]
         new = _conv_of_affine_relu(buf, _chunks(buf, c), p[0].to(sdt), p[1].to(sdt),
-                                   p[2].to(dtype), spec.conv1_padding, scratch)
+                                   p[2].to(dtype), spec.conv1_padding)
         if spec.bottleneck:
             z = new
             if spec.training and group is None:
@@ -396,8 +359,6 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
     c_in = buf.shape[1] - num_layers * k
     group = spec.group() if spec.training else None
 
-    widest = _chunks(buf, buf.shape[1] - k)[0][1]  # the widest slice a layer reads
-    scratch = _scratch(buf, widest, 2)
     # Accumulates dL/d(buffer) from every reader of each channel.
     grad = torch.empty_like(buf)
     grad.copy_(grad_buf)
@@ -428,10 +389,10 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
             if not spec.recompute_bottleneck:
                 z = saved_z[j]
             elif len(chunks) == 1:
-                whole = _layer_input(buf, 0, c, scale1, shift1, scratch)
+                whole = _layer_input(buf, 0, c, scale1, shift1)
                 z = F.conv2d(whole[1], w1)
             else:
-                z = _conv_of_affine_relu(buf, chunks, scale1, shift1, w1, 0, scratch)
+                z = _conv_of_affine_relu(buf, chunks, scale1, shift1, w1, 0)
             scale = p[3].to(sdt)
             if spec.training:
                 u = _affine_relu(z, scale2[j], shift2[j])
@@ -466,7 +427,7 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
         pad = spec.conv1_padding
         parts = []  # (g_w1, g_scale1, g_shift1) per chunk
         for lo, hi in chunks:
-            inputs, h = whole or _layer_input(buf, lo, hi, scale1, shift1, scratch)
+            inputs, h = whole or _layer_input(buf, lo, hi, scale1, shift1)
             whole = None
             g_h, g_w1, _ = _aten.convolution_backward(
                 g_out, h, w1[:, lo:hi], None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
@@ -487,17 +448,15 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
     return [grad_x] + [_like(g, p) for g, p in zip(param_grads, params, strict=True)]
 
 
-def _layer_input(buf, lo, hi, scale, shift, scratch):
-    """(buffer channels lo:hi, their affine-ReLU) as a layer's backward reads them; on a CPU
-    in ``scratch`` (a copy of the slice, then its affine-ReLU)."""
+def _layer_input(buf, lo, hi, scale, shift):
+    """(buffer channels lo:hi, their affine-ReLU) as a layer's backward reads them."""
     inputs = buf[:, lo:hi]
-    if scratch is None:
-        return inputs, _affine_relu(inputs, scale[lo:hi], shift[lo:hi])
-    # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided slice;
-    # GPU kernels read the slice at full speed, and the copy would add to the peak memory.
-    inputs = _maps_in(scratch[1], inputs).copy_(inputs)
-    h = _affine_relu(inputs, scale[lo:hi], shift[lo:hi], _maps_in(scratch[0], inputs))
-    return inputs, h
+    if inputs.device.type == "cpu":
+        # On a CPU one contiguous copy is cheaper than two BatchNorm kernels on a strided
+        # slice; GPU kernels read the slice at full speed, and the copy would add to the
+        # peak memory.
+        inputs = inputs.contiguous(memory_format=memory_format(buf))
+    return inputs, _affine_relu(inputs, scale[lo:hi], shift[lo:hi])
 
 
 def _like(grad, param):

@@ -57,16 +57,13 @@ plus the input batch and the BatchNorm running statistics. c = C - k is the last
       and, on a CPU, a contiguous copy of the buffer slice (s) and oneDNN's reordered copies in
       the 1x1 convolution's backward (w, and s rounded up to a multiple of 16 unless
       channels_last; without a bottleneck: no w terms, and oneDNN's copies are k and s rounded
-      up). On a CPU the slice's copy and its normalised, ReLU'd version live in two scratch
-      tensors as wide as the block's widest slice, held through the block's backward (at every
-      layer, not just the last). Or, if larger, the moment before: the bottleneck's backward,
-      with its output's gradient (k), the BatchNorm-ReLU'd bottleneck output and its gradient
-      (2w), the recomputed bottleneck output (w, recompute_bottleneck only, with, when the layer
-      is one slice, that slice and its copy kept for the slices' step) and on a CPU oneDNN's
-      copies of the last two (2w) and the scratch tensors. Efficient modes: the largest of
-      this at the block's last layer, at its first and at the first layer whose input fills a
-      whole slice (with chunks the work stops growing there), each with the gradients of its
-      own and all later layers;
+      up); or, if larger, the moment before: the bottleneck's backward, with its output's
+      gradient (k), the BatchNorm-ReLU'd bottleneck output and its gradient (2w), the
+      recomputed bottleneck output (w, recompute_bottleneck only, with, when the layer is one
+      slice, that slice and its copy kept for the slices' step) and on a CPU oneDNN's copies of
+      the last two (2w). Efficient modes: the largest of this at the block's last layer, at its
+      first and at the first layer whose input fills a whole slice (with chunks the work stops
+      growing there), each with the gradients of its own and all later layers;
     naive and torchvision: the last layer's input gradients (2c + w) and on a CPU oneDNN's
       copies (w + c rounded up to a multiple of 16 unless channels_last).
   Optimizer step (demo.py's SGD with Nesterov momentum and weight decay): 3P, + P on a CPU
@@ -310,20 +307,16 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
         backward = fixed + 2 * FLOAT * p + FLOAT * grads + held + block
         forward = fixed + 3 * FLOAT * p + held + block
         if mode in ("efficient", "recompute_bottleneck"):
-            widest = channel_chunks(c, m)[0][1]  # the widest slice of the block's layers
-
-            def layer_work(c, m=m, widest=widest):
+            def layer_work(c, m=m):
                 """A layer's working tensors in backward, reading c channels (see docstring)."""
                 s = channel_chunks(c, m)[0][1]  # the widest slice it works on at once
-                # A slice's affine-ReLU (h): on a CPU, with the slice's copy, in two scratch
-                # tensors of the block's widest slice, held through the block's backward.
-                scratch, h = (2 * widest, 0) if cpu else (0, s)
+                copy = s if cpu else 0
                 if not w:
-                    return scratch + k + h + s + (k + onednn_copy(s) if cpu else 0)
-                slices = scratch + k + h + s + w + (w + onednn_copy(s) if cpu else 0)
-                bottleneck = scratch + k + 2 * w + (2 * w if cpu else 0)
+                    return k + copy + 2 * s + (k + onednn_copy(s) if cpu else 0)
+                slices = k + copy + 2 * s + w + (w + onednn_copy(s) if cpu else 0)
+                bottleneck = k + 2 * w + (2 * w if cpu else 0)
                 if mode == "recompute_bottleneck":  # z, and with one slice its input and h
-                    bottleneck += w + (h if s == c else 0)
+                    bottleneck += w + (s + copy if s == c else 0)
                 return max(slices, bottleneck)
 
             def later_grads(j, b=b, i=i):
@@ -336,7 +329,7 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
 
             # The widest layer, the first, and the first whose input fills a whole slice: with
             # chunks the work stops growing there while the gradients of the block accumulate.
-            s = widest  # the last layer's widest slice
+            s = channel_chunks(c, m)[0][1]  # the last layer's widest slice
             candidates = {b.layers - 1, 0, min(b.layers - 1, max(0, -(-(s - b.c_in) // k)))}
             found[f"backward, block {i + 1}"] = max(
                 fixed + 2 * FLOAT * p + FLOAT * later_grads(j) + held + block
