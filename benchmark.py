@@ -59,6 +59,7 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         profile: the configurations: full (default), quick, or acceptance (BC-100 k=12, float32
             and bf16, and the search within 8GiB: the benchmark part of --acceptance True).
     """
+    from training.devices import keep_freed_memory
     from training.errors import UsageError
     from training.plan import parse_budget
 
@@ -83,12 +84,14 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         return None
     if out is None:
         out = tempfile.mkdtemp(prefix="benchmark-quick-") if profile == "quick" else "results"
-    if tools:
-        return tool_figures.run(out=out, repeats=repeats, quick=quick)
     if check_model:
         return model_check.check_memory_model(out)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
+    if tools or device.type == "cpu":
+        keep_freed_memory()  # CPU steps timed as demo.py runs them
+    if tools:
+        return tool_figures.run(out=out, repeats=repeats, quick=quick)
     if device.type == "cpu" and (search or memory_budget is not None):
         if not search or memory_budget is None:
             raise SystemExit("error: on a CPU, --search True goes with --memory_budget (such "

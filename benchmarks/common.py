@@ -88,6 +88,10 @@ def run_in_fresh_process(function, *args):
             return None
 
 
+CPU_ALLOCATOR = ("glibc keeping freed memory for reuse, as demo.py sets it on a CPU "
+                 "(training.devices.keep_freed_memory; results/cpu-allocator.md)")
+
+
 def device_description(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -15,6 +15,7 @@ from measure import peak_training_memory, saved_tensor_bytes, time_training_step
 from models import depth_to_config, memory
 
 from .common import (
+    CPU_ALLOCATOR,
     DENSENET121,
     IMPLEMENTATIONS,
     LABELS,
@@ -351,7 +352,8 @@ def run(profile, device, out, repeats=None, amp=None, time_max_depth=None, cpu_m
             writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v)
                              for k, v in row.items() if k in CSV_COLUMNS})
     with open(stem + ".md", "w") as f:
-        f.write(markdown_table(rows, description, extra))
+        allocator = f" ({CPU_ALLOCATOR})" if device.type == "cpu" else ""
+        f.write(markdown_table(rows, description + allocator, extra))
     plot(rows, stem + ".png", description)
     print(f"wrote {stem}.csv, .md, .png")
     return stem

@@ -17,7 +17,7 @@ from measure import (
 )
 from models import DenseNet, depth_to_config
 
-from .common import device_description, fmt
+from .common import CPU_ALLOCATOR, device_description, fmt
 
 
 def _training_step(model, inputs, targets):
@@ -146,10 +146,11 @@ def tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts
     lines = [
         f"# PyTorch's tools on the CPU: {name}", "",
         f"Machine: {device_description(torch.device('cpu'))}, {torch.get_num_threads()} "
-        f"torch thread(s), load average {load:.1f} when the run started (other jobs share the "
-        "cores when it exceeds the thread count: times are then noisy, and the ratios, from "
-        f"one interleaved run, are the figures to read); torch {torch.__version__}; "
-        f"{time.strftime('%Y-%m-%d')}; `python benchmark.py {' '.join(sys.argv[1:])}` "
+        f"torch thread(s), {CPU_ALLOCATOR}; load average {load:.1f} when the run started "
+        "(other jobs share the cores when it exceeds the thread count: times are then noisy, "
+        "and the ratios, from one interleaved run, are the figures to read); torch "
+        f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; "
+        f"`python benchmark.py {' '.join(sys.argv[1:])}` "
         f"({seconds:.0f} s). Compiled = "
         "`torch.compile(model, fullgraph=True)`, Inductor's CPU backend.", "",
         "## Training step (forward + backward), saved for backward, operators per step", "",

@@ -451,3 +451,36 @@ def test_every_flag_is_documented():
     documented = {line.split(":")[0].strip() for line in doc.splitlines()
                   if line.startswith("    ") and not line.startswith("        ")}
     assert documented == set(inspect.signature(demo.main).parameters)
+
+
+# ---------------------------------------------------------------------------- CPU memory
+
+REFAULTS = """
+import resource, sys, torch
+from training.devices import keep_freed_memory
+
+def faults_of_new_tensors(count):
+    faults = []
+    for _ in range(count):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(64 * 2**20 // 4)  # 64 MiB, filled, then freed
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+default = min(faults_of_new_tensors(4))
+kept = keep_freed_memory()
+# The heap grows a few times (small allocations take parts of freed blocks), then settles.
+print(kept, default, min(faults_of_new_tensors(12)[6:]))
+"""
+
+
+def test_cpu_runs_keep_freed_memory_instead_of_faulting_it_in_again():
+    result = subprocess.run([sys.executable, "-c", REFAULTS], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert_ok(result)
+    kept, default, after = result.stdout.split()
+    if kept != "True":
+        pytest.skip("not glibc: mallopt is unavailable")
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert int(default) > pages // 2  # by default, every new 64 MiB tensor is faulted in
+    assert int(after) < pages // 20, (default, after)
