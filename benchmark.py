@@ -6,6 +6,7 @@
     python benchmark.py --search True --memory_budget 8GiB   # what trains in 8 GiB on a CPU
     python benchmark.py --check_model True    # the memory model against CPU measurements
     python benchmark.py --tools True          # torch.compile, operator counts, accuracy (CPU)
+    python benchmark.py --allocator True      # CPU steps: glibc's default vs freed memory kept
 
 The measurements live in benchmarks/; this face checks the flags and picks one.
 """
@@ -16,6 +17,7 @@ import fire
 import torch
 
 from benchmarks import acceptance as gpu_acceptance
+from benchmarks import allocator as allocator_figures
 from benchmarks import compare, cpu_search, model_check
 from benchmarks import tools as tool_figures
 
@@ -24,7 +26,7 @@ PROFILES = tuple(compare.PROFILES)
 
 def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_depth=None,
          cpu_max_gb=8.0, search=None, search_budget=None, memory_budget=None,
-         check_model=False, tools=False, acceptance=False, profile=None):
+         check_model=False, tools=False, allocator=False, acceptance=False, profile=None):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Args:
@@ -53,18 +55,19 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         tools: only the figures of PyTorch's tools on the CPU: compiled against eager steps,
             saved bytes under torch.compile, operators per step and per optimizer step, float32
             gradient accuracy; writes tools-cpu.md (with quick, a tiny model: tools-cpu-quick.md).
+        allocator: only CPU steps with glibc's default allocator against freed memory kept (as
+            demo.py does on a CPU), each model in fresh processes; writes cpu-allocator.md.
         acceptance: the GPU acceptance run (README: On a GPU): every CUDA test, the benchmark's
             acceptance profile, demo.py's epoch times, into results/gpu-<gpu name>.md; without
             a GPU it says so and does nothing.
         profile: the configurations: full (default), quick, or acceptance (BC-100 k=12, float32
             and bf16, and the search within 8GiB: the benchmark part of --acceptance True).
     """
-    from training.devices import keep_freed_memory
     from training.errors import UsageError
     from training.plan import parse_budget
 
     for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
-                        ("acceptance", acceptance)]:
+                        ("allocator", allocator), ("acceptance", acceptance)]:
         if not isinstance(value, bool):
             raise SystemExit(f"error: --{name} must be True or False, got {value!r}")
     if search is not None and not isinstance(search, bool):
@@ -84,14 +87,14 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         return None
     if out is None:
         out = tempfile.mkdtemp(prefix="benchmark-quick-") if profile == "quick" else "results"
+    if tools:
+        return tool_figures.run(out=out, repeats=repeats, quick=quick)
+    if allocator:
+        return allocator_figures.run(out=out, quick=quick)
     if check_model:
         return model_check.check_memory_model(out)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
-    if tools or device.type == "cpu":
-        keep_freed_memory()  # CPU steps timed as demo.py runs them
-    if tools:
-        return tool_figures.run(out=out, repeats=repeats, quick=quick)
     if device.type == "cpu" and (search or memory_budget is not None):
         if not search or memory_budget is None:
             raise SystemExit("error: on a CPU, --search True goes with --memory_budget (such "

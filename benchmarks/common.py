@@ -9,6 +9,7 @@ import torchvision
 
 from measure import cpu_name
 from models import DenseNet, depth_to_config, memory
+from training.devices import keep_freed_memory
 
 IMPLEMENTATIONS = ("naive", "efficient", "recompute", "torchvision", "torchvision_me")
 LABELS = {
@@ -88,8 +89,13 @@ def run_in_fresh_process(function, *args):
             return None
 
 
-CPU_ALLOCATOR = ("glibc keeping freed memory for reuse, as demo.py sets it on a CPU "
-                 "(training.devices.keep_freed_memory; results/cpu-allocator.md)")
+def cpu_allocator():
+    """Keep freed memory as demo.py does on a CPU, so that CPU steps are timed as it runs
+    them; returns the words that say which allocator the figures had."""
+    if keep_freed_memory():
+        return ("glibc keeping freed memory for reuse, as demo.py sets it on a CPU "
+                "(training.devices.keep_freed_memory; results/cpu-allocator.md)")
+    return "the C library's default allocator (training.devices.keep_freed_memory declined)"
 
 
 def device_description(device):

@@ -15,7 +15,6 @@ from measure import peak_training_memory, saved_tensor_bytes, time_training_step
 from models import depth_to_config, memory
 
 from .common import (
-    CPU_ALLOCATOR,
     DENSENET121,
     IMPLEMENTATIONS,
     LABELS,
@@ -23,6 +22,7 @@ from .common import (
     batch,
     bc_config,
     build,
+    cpu_allocator,
     device_description,
     device_slug,
     fmt,
@@ -322,7 +322,8 @@ def run(profile, device, out, repeats=None, amp=None, time_max_depth=None, cpu_m
 
     started = time.time()
     description = device_description(device)
-    print(f"Benchmark on {description}; torch {torch.__version__}", flush=True)
+    allocator = f" ({cpu_allocator()})" if device.type == "cpu" else ""
+    print(f"Benchmark on {description}{allocator}; torch {torch.__version__}", flush=True)
     rows = []
     for config in PROFILES[profile]():
         impls = [impl for impl in IMPLEMENTATIONS if on_cuda or
@@ -352,7 +353,6 @@ def run(profile, device, out, repeats=None, amp=None, time_max_depth=None, cpu_m
             writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v)
                              for k, v in row.items() if k in CSV_COLUMNS})
     with open(stem + ".md", "w") as f:
-        allocator = f" ({CPU_ALLOCATOR})" if device.type == "cpu" else ""
         f.write(markdown_table(rows, description + allocator, extra))
     plot(rows, stem + ".png", description)
     print(f"wrote {stem}.csv, .md, .png")

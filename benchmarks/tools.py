@@ -17,7 +17,7 @@ from measure import (
 )
 from models import DenseNet, depth_to_config
 
-from .common import CPU_ALLOCATOR, device_description, fmt
+from .common import cpu_allocator, device_description, fmt
 
 
 def _training_step(model, inputs, targets):
@@ -80,6 +80,7 @@ def run(out="results", repeats=None, quick=False):
 
     torch._inductor.config.cpp.enable_kernel_profile = True
     started, load = time.time(), os.getloadavg()[0]
+    allocator = cpu_allocator()
     depth, batch_size, image_size = (16, 8, 16) if quick else (100, 64, 32)
     repeats = repeats or (1 if quick else 5)
     config = dict(depth_to_config(depth, 12), num_classes=10)
@@ -131,7 +132,8 @@ def run(out="results", repeats=None, quick=False):
 
     text = tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts,
                           len(list(eager["naive"].parameters())), accuracy, len(seeds),
-                          4 if quick else 16, 8 if quick else 32, time.time() - started, load)
+                          4 if quick else 16, 8 if quick else 32, time.time() - started, load,
+                          allocator)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "tools-cpu-quick.md" if quick else "tools-cpu.md")
     with open(path, "w") as f:
@@ -140,13 +142,13 @@ def run(out="results", repeats=None, quick=False):
 
 
 def tools_markdown(name, times, saved, counts, compile_seconds, optimizer_counts, num_params,
-                   accuracy, num_seeds, study_batch, study_size, seconds, load):
+                   accuracy, num_seeds, study_batch, study_size, seconds, load, allocator):
     """results/tools-cpu.md: every figure of run(), with the machine and the command."""
     step = {impl: 1e3 * t["step"] for impl, t in times.items()}
     lines = [
         f"# PyTorch's tools on the CPU: {name}", "",
         f"Machine: {device_description(torch.device('cpu'))}, {torch.get_num_threads()} "
-        f"torch thread(s), {CPU_ALLOCATOR}; load average {load:.1f} when the run started "
+        f"torch thread(s), {allocator}; load average {load:.1f} when the run started "
         "(other jobs share the cores when it exceeds the thread count: times are then noisy, "
         "and the ratios, from one interleaved run, are the figures to read); torch "
         f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; "

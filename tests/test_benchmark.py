@@ -146,3 +146,20 @@ def test_acceptance_report_parts_from_what_their_commands_leave(tmp_path, monkey
     for command in demo_runs:
         assert command[command.index("--fake_size") + 1] == "50000,10000"
         assert command[command.index("--depth") + 1] == "100"
+
+
+def test_allocator_comparison_writes_both_allocators_outside_the_checkout():
+    result = subprocess.run([sys.executable, "benchmark.py", "--allocator", "True", "--quick",
+                             "True"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    path = Path(re.search(r"^wrote (\S+)$", result.stdout, re.M).group(1))
+    assert path.name == "cpu-allocator-quick.md" and not path.is_relative_to(ROOT)
+    rows = [line.split(" | ") for line in path.read_text().splitlines()
+            if line.startswith(("| efficient", "| naive"))]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("| efficient", "glibc default"), ("| efficient", "freed memory kept"),
+        ("| naive", "glibc default"), ("| naive", "freed memory kept")]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3].split()[0]) >= 0
+        assert float(row[4].rstrip(" |")) > 0.1  # GiB: torch alone takes more
+    shutil.rmtree(path.parent)

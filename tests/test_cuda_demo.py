@@ -63,7 +63,7 @@ def test_kill_during_epoch_2_and_resume_is_bitwise_equal_when_deterministic(tmp_
     process = start(tiny_args(save, **args), output, env=GPU_ENV)
     try:
         wait_for(lambda: "epoch 2/3 step 5/" in output.read_text(), process, timeout=300,
-                 what="epoch 2's step 5")
+                 what="epoch 2's step 5", output=output)
         process.send_signal(signal.SIGKILL)
         process.wait()
     finally:
@@ -88,7 +88,7 @@ def test_sigterm_mid_epoch_and_resume_is_bitwise_equal_when_deterministic(tmp_pa
     process = start(tiny_args(save, **args), output, env=GPU_ENV)
     try:
         wait_for(lambda: "epoch 1/2 step 3/" in output.read_text(), process, timeout=300,
-                 what="epoch 1's step 3")
+                 what="epoch 1's step 3", output=output)
         time.sleep(random.Random(1).uniform(0, 0.2))
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 143, output.read_text()

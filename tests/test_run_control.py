@@ -63,14 +63,19 @@ def start(args, output, slow_writes=False, env=ENV):
                                 cwd=ROOT, env=env, stdout=file, stderr=subprocess.STDOUT)
 
 
-def wait_for(condition, process, timeout=60, what="the condition"):
+def wait_for(condition, process, timeout=60, what="the condition", output=None):
+    """Wait until condition() holds while process runs; a failure shows ``output``'s text."""
+    def shown():
+        return "" if output is None else ":\n" + Path(output).read_text()
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        assert process.poll() is None, f"the run ended before {what}"
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}{shown()}")
         time.sleep(0.005)
-    raise AssertionError(f"no {what} within {timeout} s")
+    raise AssertionError(f"no {what} within {timeout} s{shown()}")
 
 
 # ---------------------------------------------------------------------------- one writer

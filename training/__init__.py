@@ -1,7 +1,8 @@
 """Training: the run folder, checkpoints, logs and the loop behind demo.py.
 
     errors.py      UsageError: bad input or an unusable run, reported in one line
-    devices.py     where a process runs (CPU, GPUs, torchrun ranks), autocast, wrappers
+    devices.py     where a process runs (CPU, GPUs, torchrun ranks), autocast, wrappers;
+                   on a CPU, glibc keeps freed memory
     files.py       atomic writes and checked reads
     lock.py        one writer per run folder
     run_folder.py  config.json, results.csv, model_best.pt, summary.json in --save

@@ -1,4 +1,7 @@
-"""Where this process runs: CPU, one or several GPUs (DataParallel), or a torchrun rank (DDP)."""
+"""Where this process runs: CPU, one or several GPUs (DataParallel), or a torchrun rank (DDP).
+
+On a CPU it also makes glibc keep freed memory for reuse (keep_freed_memory).
+"""
 
 import ctypes
 import os
@@ -35,21 +38,33 @@ def make_deterministic():
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def keep_freed_memory():
     """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
 
-    By default glibc gives every allocation over 32 MiB its own mapping and unmaps it when it
-    is freed, so each such tensor is page-faulted anew: a CPU training step of DenseNet-BC-100
-    at batch 64 spent about a quarter of its time on that (results/cpu-allocator.md). The
-    process then keeps the memory of its peak until it ends. Returns whether glibc took it.
+    By default glibc gives each large allocation (over a threshold that grows up to 32 MiB) its
+    own mapping and unmaps it when it is freed, so every such tensor is page-faulted anew: a
+    CPU training step of DenseNet-BC-100 at batch 64 spent about a quarter of its time on that
+    (results/cpu-allocator.md). Here blocks under 1 GiB (32 MiB where an older glibc allows no
+    more) stay in the heap, and the process keeps its peak memory until it ends. Does nothing
+    without glibc, or when the environment sets glibc's malloc itself (MALLOC_SETTINGS).
+    Returns whether it applied.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+    if any(name in os.environ for name in MALLOC_SETTINGS):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    if not glibc:
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not any(mallopt(M_MMAP_THRESHOLD, size) for size in (2**30, 2**25)):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 class Devices:
