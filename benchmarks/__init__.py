@@ -5,5 +5,6 @@
     cpu_search.py   what really trains within a memory budget on a CPU
     model_check.py  models/memory.py against CPU measurements
     tools.py        torch.compile, operator counts, gradient accuracy (CPU)
+    allocator.py    CPU steps with glibc's default allocator and with freed memory kept
     acceptance.py   the GPU acceptance run: CUDA tests, benchmark, epoch times, one report
 """
