@@ -34,10 +34,10 @@ buffers' worth of temporaries on top of what is saved. A convolution is a sum ov
 channels, and the affine map, the ReLU and their gradients act per channel, so a layer that reads
 more than CHUNK_BYTES of maps does all of this a slice of channels at a time (the partial
 convolutions added up, in float32 for half precision) and its temporaries stay within
-CHUNK_BYTES each; the transitions and
-the head read the buffer the same way. A block's backward then holds its incoming gradient and
-the gradient it accumulates (two buffers) plus chunk-sized temporaries. Layers small enough for
-one chunk (all of DenseNet-BC-100's at batch 64 in float32) run exactly as without chunks.
+CHUNK_BYTES each; the transitions and the head read the buffer the same way. A block's backward
+then holds its incoming gradient and the gradient it accumulates (two buffers) plus chunk-sized
+temporaries. Layers small enough for one chunk (all of DenseNet-BC-100's at batch 64 in float32)
+run exactly as without chunks.
 
 What is saved for backward, in all: per block the buffer (in the compute dtype), the bottleneck
 outputs (unless ``recompute_bottleneck``), a bool mask per layer when dropout is on, and small

@@ -299,12 +299,16 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
         block, after = parts[i]
         m = n * b.height * b.width * d
         c = b.c_out - k
-        # Gradients present at the backward of block i's last layer: those of everything after
-        # the block and of that layer.
-        c_last = b.c_out - k
-        last_layer = 2 * c_last + (c_last * w + 2 * w + 9 * w * k if w else 9 * k * c_last)
-        grads = param_parts[i][1] + sum(sum(pair) for pair in param_parts[i + 1:]) + last_layer
-        backward = fixed + 2 * FLOAT * p + FLOAT * grads + held + block
+
+        def later_grads(j, b=b, i=i):
+            """Parameter gradients that exist at the backward of block i's layer j: those of
+            layers j and later and of everything after the block."""
+            layers = b.layers - j
+            inputs = layers * b.c_in + k * (b.layers - 1 + j) * layers // 2  # sum of c_j
+            own = 2 * inputs + (inputs * w + layers * (2 * w + 9 * w * k) if w
+                                else 9 * k * inputs)
+            return own + param_parts[i][1] + sum(sum(pair) for pair in param_parts[i + 1:])
+
         forward = fixed + 3 * FLOAT * p + held + block
         if mode in ("efficient", "recompute_bottleneck"):
             def layer_work(c, m=m):
@@ -318,14 +322,6 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
                 if mode == "recompute_bottleneck":  # z, and with one slice its input and h
                     bottleneck += w + (s + copy if s == c else 0)
                 return max(slices, bottleneck)
-
-            def later_grads(j, b=b, i=i):
-                """Parameter gradients that exist at the backward of block i's layer j."""
-                layers = b.layers - j
-                inputs = layers * b.c_in + k * (b.layers - 1 + j) * layers // 2  # sum of c_j
-                own = 2 * inputs + (inputs * w + layers * (2 * w + 9 * w * k) if w
-                                    else 9 * k * inputs)
-                return own + param_parts[i][1] + sum(sum(pair) for pair in param_parts[i + 1:])
 
             # The widest layer, the first, and the first whose input fills a whole slice: with
             # chunks the work stops growing there while the gradients of the block accumulate.
@@ -341,7 +337,9 @@ def peak_bytes(net, batch_size, mode, amp="off", channels_last=False, device="cp
                 forward + (b.c_in + s + out + partial + onednn_copy(s)) * m
         else:
             work = 2 * c + w + (w + onednn_copy(c) if cpu else 0)
-            found[f"backward, block {i + 1}"] = backward + work * m
+            found[f"backward, block {i + 1}"] = (fixed + 2 * FLOAT * p
+                                                 + FLOAT * later_grads(b.layers - 1) + held
+                                                 + block + work * m)
             found[f"forward, block {i + 1}"] = forward + b.c_out * m
         held += block + after
     found["forward, end"] = fixed + 3 * FLOAT * p + held
