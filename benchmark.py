@@ -72,6 +72,7 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
             fail(f"--{name} must be True or False (or true/false, yes/no, 1/0), got {value!r}")
     if out is not None:
         out = os.path.expanduser(str(out))
+    device = training_device(device)
     # Imported only now, once the command line is checked: torch takes a second or more to load.
     from benchmarks import acceptance as gpu_acceptance
     from benchmarks import allocator as allocator_figures
@@ -89,7 +90,6 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
             budgets[name] = None if value is None else parse_budget(value, name)
         except UsageError as error:
             fail(error)
-    device = training_device(device)
     if acceptance:
         gpu_acceptance.run(out or "results")
         return None

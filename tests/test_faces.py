@@ -30,7 +30,9 @@ from test_demo import (
 import cli
 import demo
 from data.datasets import DataError, _download, load_dataset
+from training.errors import UsageError
 from training.lock import RunLock
+from training.plan import check_fits
 
 
 def tree_hashes(*folders):
@@ -289,8 +291,8 @@ def test_resume_true_alone_continues_extends_and_leaves_a_finished_run_untouched
 
 
 def test_resume_true_without_a_run_says_so(tmp_path):
-    result = run_demo(["--save", tmp_path / "nothing", "--resume", "True"])
-    assert_usage_error(result, "nothing to resume in", "it holds no run")
+    with pytest.raises(UsageError, match="nothing to resume in .*: it holds no run"):
+        resolve(save=str(tmp_path / "nothing"), resume="true")
     assert not (tmp_path / "nothing").exists()
 
 
@@ -368,6 +370,21 @@ def test_a_network_that_cannot_fit_is_refused_before_anything_is_built(tmp_path)
                        "at most 1,000,000")
 
 
+def test_what_fits_is_not_refused():
+    check_fits(resolve(dataset="fake"))  # the paper's BC-100 at batch 64: under 1 GiB
+    with pytest.raises(UsageError, match=r"L=40, k=12\) cannot train on .* at batch 10,000,000"):
+        check_fits(resolve(dataset="fake", depth=40, batch_size=10**7))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_fit_is_checked_against_its_total_memory():
+    check_fits(resolve(dataset="fake", depth=250, growth_rate=24))
+    with pytest.raises(UsageError, match=r"cannot train on GPU 0 \(.+\): its parameters alone "
+                                         r"take 1\.9 TiB .* more than its .* GiB of memory"):
+        check_fits(resolve(dataset="fake", depth=100000))
+
+
 # ---------------------------------------------------------------------------- progress
 
 @pytest.mark.skipif(not (shutil.which("script") and shutil.which("stty")),
@@ -423,7 +440,7 @@ def test_readme_states_the_size_of_this_install():
     """README's size of the default (CUDA) install against this virtual environment's."""
     if sys.prefix == sys.base_prefix or torch.version.cuda is None:
         pytest.skip("not a virtual environment with the CUDA build of torch")
-    claimed = re.search(r"takes ([\d.]+) GB on disk", (ROOT / "README.md").read_text())
+    claimed = re.search(r"takes ([\d.]+) GB\s+on disk", (ROOT / "README.md").read_text())
     assert claimed, "README does not state the install's size"
     size = sum(entry.stat(follow_symlinks=False).st_size
                for folder, _, files in os.walk(sys.prefix)
