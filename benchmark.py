@@ -8,26 +8,28 @@
     python benchmark.py --tools True          # torch.compile, operator counts, accuracy (CPU)
     python benchmark.py --allocator True      # CPU steps: glibc's default vs freed memory kept
 
-The measurements live in benchmarks/; this face checks the flags and picks one.
+Writes into results/ unless --out is given (--quick: a temporary folder). The measurements
+live in benchmarks/; this face checks the flags and picks one. Bad input ends with one line
+"error: ..." on stderr and exit status 2.
 """
 
+import os
+import sys
 import tempfile
 
-import fire
-import torch
+from cli import check_flags, fail, quiet_interrupt
 
-from benchmarks import acceptance as gpu_acceptance
-from benchmarks import allocator as allocator_figures
-from benchmarks import compare, cpu_search, model_check
-from benchmarks import tools as tool_figures
-
-PROFILES = tuple(compare.PROFILES)
+# Written True or False, or true/false, yes/no, 1/0 in any case (cli.py).
+BOOLEAN_ARGS = ("quick", "amp", "search", "check_model", "tools", "allocator", "acceptance")
 
 
 def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_depth=None,
          cpu_max_gb=8.0, search=None, search_budget=None, memory_budget=None,
          check_model=False, tools=False, allocator=False, acceptance=False, profile=None):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
+
+    Writes into results/ (the committed reference figures) unless --out is given; --quick
+    writes into a new temporary folder.
 
     Args:
         quick: a small run (saved bytes at BC-40 and BC-100, times at BC-40, batch 32) that
@@ -63,25 +65,31 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         profile: the configurations: full (default), quick, or acceptance (BC-100 k=12, float32
             and bf16, and the search within 8GiB: the benchmark part of --acceptance True).
     """
+    for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
+                        ("allocator", allocator), ("acceptance", acceptance),
+                        ("search", search), ("amp", amp)]:
+        if not isinstance(value, bool) and (value is not None or name not in ("search", "amp")):
+            fail(f"--{name} must be True or False (or true/false, yes/no, 1/0), got {value!r}")
+    if out is not None:
+        out = os.path.expanduser(str(out))
+    device = training_device(device)
+    # Imported only now, once the command line is checked: torch takes a second or more to load.
+    from benchmarks import acceptance as gpu_acceptance
+    from benchmarks import allocator as allocator_figures
+    from benchmarks import compare, cpu_search, model_check
+    from benchmarks import tools as tool_figures
     from training.errors import UsageError
     from training.plan import parse_budget
 
-    for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
-                        ("allocator", allocator), ("acceptance", acceptance)]:
-        if not isinstance(value, bool):
-            raise SystemExit(f"error: --{name} must be True or False, got {value!r}")
-    if search is not None and not isinstance(search, bool):
-        raise SystemExit(f"error: --search must be True or False, got {search!r}")
     profile = profile or ("quick" if quick else "full")
-    if profile not in PROFILES:
-        raise SystemExit(f"error: --profile must be one of {', '.join(PROFILES)}, "
-                         f"got {profile!r}")
+    if profile not in compare.PROFILES:
+        fail(f"--profile must be one of {', '.join(compare.PROFILES)}, got {profile!r}")
     budgets = {}
     for name, value in [("search_budget", search_budget), ("memory_budget", memory_budget)]:
         try:
             budgets[name] = None if value is None else parse_budget(value, name)
         except UsageError as error:
-            raise SystemExit(f"error: {error}") from None
+            fail(error)
     if acceptance:
         gpu_acceptance.run(out or "results")
         return None
@@ -93,20 +101,41 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         return allocator_figures.run(out=out, quick=quick)
     if check_model:
         return model_check.check_memory_model(out)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
     if device.type == "cpu" and (search or memory_budget is not None):
         if not search or memory_budget is None:
-            raise SystemExit("error: on a CPU, --search True goes with --memory_budget (such "
-                             "as 8GiB)")
+            fail("on a CPU, --search True goes with --memory_budget (such as 8GiB)")
         return cpu_search.cpu_search(budgets["memory_budget"], str(memory_budget), out)
     if memory_budget is not None:
-        raise SystemExit("error: --memory_budget is the CPU search's; on CUDA use "
-                         "--search_budget")
+        fail("--memory_budget is the CPU search's; on CUDA use --search_budget")
     compare.run(profile, device, out, repeats=repeats, amp=amp, time_max_depth=time_max_depth,
                 cpu_max_gb=cpu_max_gb, search=search, search_budget=budgets["search_budget"])
     return None
 
 
+def training_device(device):
+    """--device as a torch.device: auto, cpu, cuda or cuda:N; one line and exit 2 for a device
+    that is not there."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        fail(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if chosen.type not in ("cpu", "cuda"):
+        fail(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA GPU here (torch.cuda.is_available() is False); use "
+             f"--device cpu")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    return chosen
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    with quiet_interrupt():
+        import fire
+
+        argv, _ = check_flags(main, sys.argv[1:], BOOLEAN_ARGS)
+        fire.Fire(main, argv)

@@ -3,35 +3,26 @@
     python demo.py --data DIR --save DIR [--depth 100 --growth_rate 12 --efficient True ...]
     CUDA_VISIBLE_DEVICES=0,1 python demo.py ...       # DataParallel over the visible GPUs
     torchrun --nproc_per_node=4 demo.py ...           # DistributedDataParallel, one process per GPU
-    python demo.py --save DIR --resume True ...       # continue an interrupted run
+    python demo.py --save DIR --resume True           # continue a run, with its own settings
     python demo.py --save DIR --evaluate True         # test error of a saved model
     python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
 
 Bad input ends with one line "error: ..." on stderr and exit status 2.
 """
 
-import inspect
 import math
 import os
 import sys
 
-import fire
-import torch
-import torch.distributed as dist
-
-from data import DATASETS, DataError
-from models import depth_to_config
-from training.devices import is_distributed, world_size_from_env
+from cli import check_flags, parse_boolean, quiet_interrupt
 from training.errors import UsageError, one_line
-from training.evaluation import evaluate_saved
-from training.loop import train
-from training.plan import run_plan
-from training.stop import Stopped
 
+# Written True or False, or true/false, yes/no, 1/0 in any case (cli.py).
 BOOLEAN_ARGS = ("bc", "efficient", "recompute_bottleneck", "augment", "channels_last", "sync_bn",
                 "svhn_extra", "download", "resume", "evaluate", "deterministic", "compile",
                 "cuda_graph")
 AMP_MODES = ("off", "bf16", "fp16")
+GIVEN = None  # the flags on the command line (set below); None: every argument counts as given
 
 
 def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=True,
@@ -55,6 +46,7 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
 
     Args:
         data: folder holding the dataset files (downloaded there if missing); not needed for fake.
+            A leading ~ is your home folder, also in --data=~/x.
         save: folder for the run's logs and checkpoints (created if missing).
         dataset: cifar10, cifar100, svhn, or fake (random images, no files).
         depth: network depth L; DenseNet-BC needs L - 4 divisible by 6, plain DenseNet by 3.
@@ -82,7 +74,11 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
         svhn_extra: add SVHN's 531,131 extra images to its training set.
         fake_size: train,test numbers of images of the fake dataset.
         download: download missing dataset files.
-        resume: continue the run in --save from its checkpoint.pt (same arguments needed).
+        resume: continue the run in --save from its checkpoint.pt, with the settings it
+            stored: a flag given must equal its stored value, except --n_epochs (to extend the
+            run; the milestones stay as stored unless given) and those that change how, not
+            what, it computes (--data, --log_every, --compile, ...). A finished run is left
+            untouched.
         evaluate: no training: evaluate --save's model_best.pt (else checkpoint.pt) on the test
             set, with the configuration it was trained with.
         deterministic: deterministic GPU kernels, so that a resumed run ends bitwise equal to
@@ -102,15 +98,25 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
     """
     args = dict(locals())
     planning = {name: args.pop(name) for name in ("plan", "memory_budget", "json")}
+    # Imported only now, once the command line is checked: torch takes a second or more to load.
+    import torch.distributed as dist
+
+    from data import DataError
+    from training.evaluation import evaluate_saved
+    from training.loop import train
+    from training.plan import check_fits, run_plan
+    from training.stop import Stopped
+
     try:
         if planning["plan"] is not False:
             sys.exit(run_plan({**args, **planning}))
         if planning["memory_budget"] is not None or planning["json"] is not False:
             raise UsageError("--memory_budget and --json go with --plan True")
-        config = resolve_args(args)
+        config = resolve_args(args, GIVEN)
         if config["evaluate"]:
             evaluate_saved(config)
         else:
+            check_fits(config)
             train(config)
     except (UsageError, DataError) as error:
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -143,7 +149,11 @@ def _folder(name, value):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise UsageError(f"--{name} must be a folder path, got {value!r}")
-    return os.path.abspath(str(value))
+    path = os.path.expanduser(str(value))  # also after "=", where the shell leaves ~ alone
+    if path.startswith("~"):
+        raise UsageError(f"--{name} {value}: {path.split(os.sep)[0]} is no user's home folder; "
+                         f"write the path in full")
+    return os.path.abspath(path)
 
 
 def default_milestones(n_epochs):
@@ -163,17 +173,31 @@ def _milestones(value, n_epochs):
     return list(values)
 
 
-def resolve_args(args):
-    """Check every argument before any work; return the run's configuration (JSON types)."""
+def resolve_args(args, given=None):
+    """Check every argument before any work; return the run's configuration (JSON types).
+
+    Resuming, every setting not among `given` (the names of the flags on the command line;
+    None: all of them) is the one the run in --save stored."""
+    import torch
+
+    from data import DATASETS
+    from models import depth_to_config
+    from training.devices import is_distributed, world_size_from_env
+    from training.run_folder import resume_settings
+
     config = dict(args)
     for name in BOOLEAN_ARGS:
-        if not isinstance(config[name], bool):
-            raise UsageError(f"--{name} must be True or False, got {config[name]!r}")
+        config[name] = parse_boolean(config[name])
+        if config[name] is None:
+            raise UsageError(f"--{name} must be True or False (or true/false, yes/no, 1/0), "
+                             f"got {args[name]!r}")
+    config["save"] = _folder("save", config["save"])
+    if config["resume"] and config["save"] is not None:
+        config = resume_settings(config, given)
     if config["dataset"] not in DATASETS:
         raise UsageError(f"unknown --dataset {config['dataset']!r}; choose one of "
                          f"{', '.join(DATASETS)}")
     config["data"] = _folder("data", config["data"])
-    config["save"] = _folder("save", config["save"])
     if config["save"] is None:
         raise UsageError("--save is required: the folder for the run's logs and checkpoints")
     if config["data"] is None and config["dataset"] != "fake" and not config["evaluate"]:
@@ -245,19 +269,9 @@ def resolve_args(args):
     return config
 
 
-def check_flags(argv):
-    """Refuse unknown --flags: fire would run main() first and complain only afterwards."""
-    names = set(inspect.signature(main).parameters) | {"help"}
-    for token in argv:
-        if token == "--":
-            break
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            if name not in names and not (name.startswith("no") and name[2:] in names):
-                print(f"error: unknown flag --{name}; see python demo.py --help", file=sys.stderr)
-                sys.exit(2)
-
-
 if __name__ == "__main__":
-    check_flags(sys.argv[1:])
-    fire.Fire(main)
+    with quiet_interrupt():
+        import fire
+
+        argv, GIVEN = check_flags(main, sys.argv[1:], BOOLEAN_ARGS)
+        fire.Fire(main, argv)

@@ -9,9 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-import fire
-import pandas as pd
+from cli import check_flags, quiet_interrupt
 
+# Written True or False, or true/false, yes/no, 1/0 in any case (cli.py).
+BOOLEAN_ARGS = ("log_error",)
 SPLITS = ("train", "valid", "test")
 SPLIT_LABELS = {"train": "train", "valid": "validation", "test": "test"}
 LINESTYLES = {"train": "--", "valid": "-.", "test": "-"}
@@ -48,7 +49,8 @@ def plot(*runs, out=None, log_error=False, smooth=0, splits="train,valid,test", 
     """
     shown_splits = parse_splits(splits)
     if not isinstance(log_error, bool):
-        raise PlotError(f"--log_error must be True or False, not {log_error!r}")
+        raise PlotError(f"--log_error must be True or False (or true/false, yes/no, 1/0), "
+                        f"not {log_error!r}")
     if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
         raise PlotError(f"--smooth must be a whole number of epochs >= 0, not {smooth!r}")
     if isinstance(title, (tuple, list)):  # fire turns "a, b" into a tuple
@@ -60,16 +62,17 @@ def plot(*runs, out=None, log_error=False, smooth=0, splits="train,valid,test", 
     if out is None and len(runs) > 1:
         raise PlotError("--out is required with several runs, e.g. --out comparison.png")
     if out is not None:
-        check_out(Path(str(out)))
+        out = Path(str(out)).expanduser()  # also in --out=~/x, where the shell leaves ~ alone
+        check_out(out)
 
-    csv_paths = [find_csv(Path(str(run))) for run in runs]
+    csv_paths = [find_csv(Path(str(run)).expanduser()) for run in runs]
     names = [csv_path.parent.resolve().name for csv_path in csv_paths]
     if len(set(names)) < len(names):  # e.g. a/seed1 and b/seed1: show the paths as given
         names = [str(run) for run in runs]
     loaded = [(name, *read_results(csv_path))
               for name, csv_path in zip(names, csv_paths, strict=True)]
 
-    out = Path(str(out)) if out is not None else csv_paths[0].parent / "curves.png"
+    out = out if out is not None else csv_paths[0].parent / "curves.png"
     check_out(out)
     figure = draw(loaded, shown_splits, log_error, smooth, title)
     save_atomically(figure, out)
@@ -117,6 +120,8 @@ def read_results(csv_path):
 
     An unfinished last line (no newline at the end or missing fields) is ignored with a note.
     """
+    import pandas as pd  # here, so that bad flags are refused without its start-up time
+
     try:
         text = csv_path.read_text(encoding="utf-8")
         lines = [(number, line) for number, line in enumerate(text.splitlines(True), start=1)
@@ -269,11 +274,15 @@ def save_atomically(figure, out):
 
 
 def main():
-    try:
-        fire.Fire(plot)
-    except PlotError as error:
-        print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
-        sys.exit(2)
+    with quiet_interrupt():
+        import fire
+
+        argv, _ = check_flags(plot, sys.argv[1:], BOOLEAN_ARGS)
+        try:
+            fire.Fire(plot, argv)
+        except PlotError as error:
+            print(f"error: {str(error).replace(chr(10), ' ')}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

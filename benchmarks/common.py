@@ -3,6 +3,7 @@
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 
 import torch
 import torchvision
@@ -79,14 +80,25 @@ def batch(config, device, batch_size=None):
 def run_in_fresh_process(function, *args):
     """function(*args) in a new interpreter, so allocator caches cannot leak between runs.
 
-    None when that process dies (on a CPU: killed for lack of memory).
+    None when that process dies (on a CPU: killed for lack of memory). Ctrl-C is this process's
+    alone: the new one starts with SIGINT ignored and is ended here, so that an interrupted
+    benchmark prints no traceback of another process.
     """
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the new process
         try:
-            return pool.submit(function, *args).result()
+            future = pool.submit(function, *args)
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+        try:
+            return future.result()
         except concurrent.futures.process.BrokenProcessPool:
             return None
+        except KeyboardInterrupt:
+            for process in multiprocessing.active_children():
+                process.terminate()
+            raise
 
 
 def cpu_allocator():

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,12 +121,22 @@ def _one_line(error):
 
 
 def _download(fetch, what, files, folder, url):
-    """Run fetch() with a network timeout; on any failure raise a DataError saying what to do."""
+    """Run fetch() with a network timeout; on any failure raise a DataError saying what to do.
+
+    A folder that did not exist before (fetch creates `folder`) is removed again on failure, so
+    that a failed download leaves no empty --data folder behind."""
+    created = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        created = path
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
         fetch()
     except Exception as error:  # network, checksum, disk or archive errors: all mean "not there"
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise DataError(f"{what} not found in {folder} and could not be downloaded "
                         f"({_one_line(error)}): put {files} there, from {url}") from error
     finally:
@@ -156,6 +167,17 @@ def _read_cifar(name, root, download):
     if name == "cifar10":
         listed = "data_batch_1..5, test_batch"
     files = f"the official {folder_name}/ folder ({listed})"
+    present = [f for f in train_files + test_files if (folder / f).is_file()]
+    inside = [f for f in train_files + test_files if (root / f).is_file()]
+    if not present and inside:  # --data names the dataset's own folder, not the one above it
+        where = f"give its parent, --data {root.parent}" if root.name == folder_name else \
+            f"put them in a folder named {folder_name}/ inside --data"
+        raise DataError(f"{what}: {root} holds the files of {folder_name}/ itself ("
+                        f"{', '.join(inside)}); {where}")
+    if missing and present:
+        raise DataError(f"{what} in {folder} is incomplete: {', '.join(missing)} missing "
+                        f"(found {', '.join(present)}); put the missing files there, from "
+                        f"{CIFAR_URLS[name]}, or remove the folder to download it again")
     if missing and not download:
         raise DataError(f"{what} not found in {root} (missing {folder_name}/{missing[0]}, "
                         f"download disabled): put {files} there, from {CIFAR_URLS[name]}")

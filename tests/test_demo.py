@@ -287,7 +287,7 @@ def test_help_lists_every_flag():
 @pytest.mark.parametrize("overrides, message", [
     (dict(depth=99), "nearest valid depths: 94, 100"),
     (dict(dataset="imagenet"), "unknown --dataset 'imagenet'"),
-    (dict(bc="yes"), "--bc must be True or False, got 'yes'"),
+    (dict(bc="maybe"), "--bc must be True or False (or true/false, yes/no, 1/0), got 'maybe'"),
     (dict(lr="abc"), "--lr must be a positive number"),
     (dict(batch_size=0), "--batch_size must be an integer >= 1"),
     (dict(n_epochs=-2), "--n_epochs must be an integer >= 1"),
@@ -433,7 +433,7 @@ def test_resolve_args_fills_defaults_and_accepts_what_fire_passes():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(efficient="yes"), dict(augment=1), dict(lr=float("inf")), dict(lr=0), dict(lr=True),
+    dict(efficient="maybe"), dict(augment=2), dict(lr=float("inf")), dict(lr=0), dict(lr=True),
     dict(momentum=1.0), dict(wd=-1e-4), dict(gamma=0), dict(compression=1.5),
     dict(drop_rate=1.0), dict(valid_size=-1), dict(milestones=(0, 5)), dict(milestones=(3, 2)),
     dict(milestones="x"), dict(depth="abc"),

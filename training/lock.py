@@ -40,10 +40,16 @@ class RunLock:
         return self
 
     def release(self, remove=False):
-        """Give the lock back (the OS does it anyway at exit); remove the file if asked."""
+        """Give the lock back (the OS does it anyway at exit), emptied of this process's PID;
+        remove the file if asked (only with the folder it is in).
+
+        Emptied rather than removed: another process may have the file open, about to lock it;
+        removing it would let a third one lock a new .lock beside it at the same time."""
         if self.fd is None:
             return
         if remove:
             os.unlink(self.path)
+        else:
+            os.ftruncate(self.fd, 0)
         os.close(self.fd)
         self.fd = None

@@ -22,7 +22,7 @@ from .checkpoint import restore, save_checkpoint
 from .devices import Devices, any_rank, broadcast, on_all_ranks, wrap
 from .errors import UsageError, one_line
 from .evaluation import evaluate, summarize
-from .log import Log, Progress
+from .log import Log, Progress, plural
 from .run_folder import RunFolder
 from .step import graphable_lr, make_step
 from .stop import Stopped, StopRequest
@@ -37,6 +37,8 @@ class Run:
         self.folder = RunFolder(config["save"])
         self.stop = StopRequest().install()
         self.started = False
+        self.finished = False  # the run in --save had nothing left to do
+        self.estimate = self.devices.device.type == "cpu"  # the first epoch's time, early
         self.config = config
 
     def prepare(self):
@@ -46,6 +48,12 @@ class Run:
             lambda: self.folder.open(self.config) if self.devices.is_main
             else self.folder.check(self.config))
         devices, log = self.devices, self.log
+        if self.folder.finished(checkpoint, config):  # resumed: no file is touched
+            self.finished = True
+            log.print(f"the run in {config['save']} already trained its "
+                      f"{plural(config['n_epochs'], 'epoch')}; nothing was changed (a larger "
+                      f"--n_epochs extends it)")
+            return
         if config["seed"] is None:
             config["seed"] = broadcast(secrets.randbelow(2**31))
         self.config = config
@@ -92,9 +100,16 @@ class Run:
         log.print(f"data     {dataset.name}: {len(dataset.train_images) - valid:,} training, "
                   f"{valid:,} validation, {len(dataset.test_images):,} test images; batch "
                   f"{config['batch_size']}, {len(self.train_loader)} steps per epoch")
-        milestones = ", ".join(map(str, config["milestones"])) or "none"
-        log.print(f"schedule {config['n_epochs']} epochs, SGD lr {config['lr']:g} "
-                  f"(x{config['gamma']:g} after epochs {milestones}), seed {config['seed']}")
+        milestones = config["milestones"]
+        drops = (f"x{config['gamma']:g} after epoch{'s' if len(milestones) > 1 else ''} "
+                 f"{', '.join(map(str, milestones))}" if milestones else "constant")
+        log.print(f"schedule {plural(config['n_epochs'], 'epoch')}, SGD lr {config['lr']:g} "
+                  f"({drops}), seed {config['seed']}")
+        late = [m for m in milestones if m >= config["n_epochs"]]
+        if late:
+            log.print(f"warning  milestone{'s' if len(late) > 1 else ''} "
+                      f"{', '.join(map(str, late))} not before the last epoch "
+                      f"({config['n_epochs']}): no drop there within this run")
 
         if config["cuda_graph"]:  # a restored learning rate comes back as a CPU number
             for group in self.optimizer.param_groups:
@@ -132,6 +147,8 @@ def train(config):
     run = Run(config)
     try:
         run.prepare()
+        if run.finished:
+            return
         run.write_start_files()
         fit(run)
     except (UsageError, DataError) as error:
@@ -144,7 +161,7 @@ def train(config):
 def fit(run):
     config, devices, log = run.config, run.devices, run.log
     if run.epoch == config["n_epochs"] and run.position is None:
-        log.print(f"the run already trained its {run.epoch} epochs")
+        log.print(f"the run already trained its {plural(run.epoch, 'epoch')}")
     for epoch in range(run.epoch + 1, config["n_epochs"] + 1):
         lr = float(run.optimizer.param_groups[0]["lr"])
         devices.reset_peak_memory()
@@ -234,7 +251,8 @@ def train_epoch(run, title, position, epochs_after):
     loss_sum, wrong = position["loss_sum"].to(device), position["wrong"].to(device)
     batches = run.train_loader.epoch(skip=step)
     progress = Progress(run.log, title, len(run.train_loader), step, config["log_every"],
-                        epochs_after)
+                        epochs_after, estimate=run.estimate)
+    run.estimate = False
     start = time.perf_counter()
     try:
         for inputs, targets in batches:

@@ -28,6 +28,9 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MAX_LAYERS = 2**20  # per block, in the search for the deepest network (never reached)
 MAX_BATCH = 2**40
+# Deeper networks need terabytes even at growth rate 1 and batch 1, and planning them takes
+# seconds (the planner's work grows with the depth).
+MAX_DEPTH = 10**6
 
 
 def parse_budget(value, flag="memory_budget"):
@@ -238,6 +241,71 @@ def table(report, title, device_line, batch_size, depth_kind):
     return "\n".join(lines)
 
 
+def check_depth(depth):
+    """UsageError for a depth beyond MAX_DEPTH, before the planner is asked."""
+    if depth > MAX_DEPTH:
+        raise UsageError(f"--depth {depth:,} is beyond what any device can train: at most "
+                         f"{MAX_DEPTH:,} (a million layers need terabytes even at growth rate 1 "
+                         f"and batch 1)")
+
+
+def device_memory():
+    """(device type, its description, total bytes or None) where this demo.py process trains:
+    its GPU (the first, or torchrun's LOCAL_RANK), else the CPU: the machine's memory, within
+    its cgroup's limit."""
+    import torch
+
+    from .devices import is_distributed
+
+    if torch.cuda.is_available():
+        index = int(os.environ["LOCAL_RANK"]) if is_distributed() else 0
+        properties = torch.cuda.get_device_properties(index)
+        return "cuda", f"GPU {index} ({properties.name})", properties.total_memory
+    return "cpu", "this machine's CPU", machine_memory()[0]
+
+
+def check_fits(config):
+    """Refuse, before anything is built or read, a training run (demo.py's resolved config)
+    that cannot fit its device: UsageError with the planner's figures.
+
+    The rule: the predicted peak of one training step (parameters, gradients, momentum and what
+    the step keeps, at this process's share of the batch; models/memory.py) must not exceed
+    the device's total memory: a GPU's, or on a CPU the machine's (or its cgroup's limit).
+    Total, not free or available: a run is refused only when it could not fit even on an idle
+    machine, never because of what else runs at the moment (--plan True compares with that)."""
+    import torch
+
+    from .devices import is_distributed, world_size_from_env
+
+    check_depth(config["depth"])
+    bc = config["bc"]
+    architecture = depth_to_config(config["depth"], config["growth_rate"], bc)
+    # A dataset of unknown classes counts as one class: the refusal must be certain.
+    architecture.update(compression=config["compression"], drop_rate=config["drop_rate"],
+                        num_classes=NUM_CLASSES.get(config["dataset"], 1), small_inputs=True,
+                        image_size=32)
+    mode = "naive" if not config["efficient"] else \
+        "recompute_bottleneck" if config["recompute_bottleneck"] else "efficient"
+    device, description, total = device_memory()
+    batch = config["batch_size"] // world_size_from_env()
+    if device == "cuda" and not is_distributed():  # DataParallel splits it over the GPUs
+        batch = math.ceil(batch / torch.cuda.device_count())
+    net = memory.network(**architecture)
+    peak = memory.peak_bytes(net, batch, mode, amp=config["amp"],
+                             channels_last=config["channels_last"], device=device)
+    if total is None or peak <= total:
+        return
+    parameters = 4 * memory.parameters(net)
+    kind = "DenseNet-BC" if bc else "DenseNet"
+    raise UsageError(
+        f"{kind} (L={config['depth']}, k={config['growth_rate']}) cannot train on "
+        f"{description}: its parameters alone take {format_bytes(parameters)} "
+        f"({format_bytes(memory.state_bytes(net))} with gradients and momentum), and the "
+        f"planner predicts {format_bytes(peak)} for one training step at batch {batch:,} "
+        f"({LABELS[mode]}, amp {config['amp']}), more than its {format_bytes(total)} of "
+        f"memory; the same flags with --plan True show what fits")
+
+
 def _boolean(config, name):
     if not isinstance(config[name], bool):
         raise UsageError(f"--{name} must be True or False, got {config[name]!r}")
@@ -260,6 +328,7 @@ def run_plan(config):
         raise UsageError(f"--amp must be one of {', '.join(memory.COMPUTE_BYTES)}, "
                         f"got {config['amp']!r}")
     bc = config["bc"]
+    check_depth(config["depth"])
     try:
         architecture = depth_to_config(config["depth"], config["growth_rate"], bc)
     except ValueError as error:

@@ -19,6 +19,7 @@ from .checkpoint import CHECKPOINT_KEYS
 from .errors import UsageError, one_line
 from .files import read_torch, save_torch, write_atomically, write_json
 from .lock import LOCK_NAME, RunLock
+from .log import plural
 
 CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error", "test_error",
                "test_loss", "lr", "epoch_seconds", "images_per_second", "peak_memory_mb"]
@@ -26,6 +27,8 @@ RUN_FILES = ("config.json", "results.csv", "checkpoint.pt")
 # Arguments that may change on --resume: they change how fast, not what, the run computes.
 FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every",
                   "deterministic", "compile", "cuda_graph"}
+# Arguments a resumed run never takes from the run's stored configuration.
+NOT_REMEMBERED = {"save", "resume", "evaluate"}
 
 
 def check_save_folder(save):
@@ -37,6 +40,40 @@ def check_save_folder(save):
         raise UsageError(f"--save {save}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--save {save}: {existing} is not writable")
+
+
+def stored_settings(save):
+    """The settings of the run in save: config.json's (rewritten at every start, so it holds
+    the latest --n_epochs), else checkpoint.pt's; None when save holds neither."""
+    path = os.path.join(save, "config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as file:
+                return json.load(file)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read {path} ({one_line(error)}); it was left as it "
+                             f"is") from None
+    path = os.path.join(save, "checkpoint.pt")
+    if os.path.exists(path):
+        return read_torch(path, CHECKPOINT_KEYS)["config"]
+    return None
+
+
+def resume_settings(config, given):
+    """config resuming the run in config["save"]: every setting not among `given` (the names of
+    the flags on the command line; None: all) is the stored one, so that --resume True alone
+    continues a run as it was started. Without a stored run: UsageError for --resume True,
+    config unchanged otherwise (--resume auto starts a new run)."""
+    stored = stored_settings(config["save"])
+    if stored is None:
+        if config["resume"] is True:
+            raise UsageError(f"nothing to resume in {config['save']}: it holds no run (no "
+                             f"config.json or checkpoint.pt)")
+        return config
+    if given is None:
+        return config
+    return {**config, **{key: value for key, value in stored.items()
+                         if key in config and key not in given and key not in NOT_REMEMBERED}}
 
 
 class RunFolder:
@@ -104,16 +141,24 @@ class RunFolder:
         else:
             raise UsageError(f"nothing to resume in {save}: it holds no checkpoint.pt")
         if checkpoint is not None and checkpoint["epoch"] > config["n_epochs"]:
-            raise UsageError(f"the run in {save} already trained {checkpoint['epoch']} epochs, "
+            raise UsageError(f"the run in {save} already trained "
+                             f"{plural(checkpoint['epoch'], 'epoch')}, "
                              f"more than --n_epochs {config['n_epochs']}")
         if config["seed"] is None:
             config = {**config, "seed": stored.get("seed")}
-        different = [f"{key} {stored.get(key)!r} there, {config[key]!r} now" for key in config
-                     if key not in FREE_ON_RESUME and stored.get(key) != config[key]]
+        # A setting the run did not store (a flag added since) is not compared.
+        different = [f"{key} {stored[key]!r} there, {config[key]!r} now" for key in config
+                     if key not in FREE_ON_RESUME and key in stored and stored[key] != config[key]]
         if different:
             raise UsageError(f"cannot resume the run in {save} with other settings: "
                              f"{'; '.join(different)}")
         return checkpoint, config
+
+    def finished(self, checkpoint, config):
+        """Whether the run trained all its epochs and wrote its summary: nothing left to do."""
+        return (checkpoint is not None and checkpoint["epoch"] == config["n_epochs"]
+                and not checkpoint.get("position")
+                and os.path.exists(self.path("summary.json")))
 
     def kept_rows(self, epochs_done):
         """results.csv's rows for the epochs the checkpoint holds.
