@@ -6,6 +6,7 @@
     python demo.py --save DIR --resume True ...       # continue an interrupted run
     python demo.py --save DIR --evaluate True         # test error of a saved model
     python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
+    python demo.py --arch densenet121 --pretrained True --image_size 64 ...  # torchvision's
 
 Bad input ends with one line "error: ..." on stderr and exit status 2.
 """

@@ -367,3 +367,22 @@ def test_plan_for_a_named_architecture_at_512_px(capsys, monkeypatch):
             peak = memory.peak_bytes(memory.network(**dict(architecture,
                                                            **imagenet_config(name))), 64, mode)
             assert (peak <= 16 * 2**30) == (deepest is not None and depth <= deepest)
+
+
+def test_benchmarks_memory_table_holds_the_planners_largest_batches():
+    from benchmarks.compare import GPU_MEMORY, imagenet_configs, memory_table
+    from training.plan import largest_batch
+
+    configs = imagenet_configs()
+    assert {(c["name"], c["image_size"]) for c in configs} >= {("DenseNet-121 224px", 224),
+                                                               ("DenseNet-201 448px", 448)}
+    lines = memory_table([dict(config="DenseNet-121 448px", impl="efficient", amp="off",
+                               saved_mb=949.0)], configs)
+    row = next(line for line in lines if line.startswith("| DenseNet-121 448px | 4 | efficient"))
+    net = memory.network(**imagenet_config("densenet121"), num_classes=1000, small_inputs=False,
+                         image_size=448)
+    expected = [f"{largest_batch(net, 'efficient', budget, amp=amp, device='cuda'):,}"
+                for budget in GPU_MEMORY for amp in ("off", "bf16")]
+    assert row.split(" | ")[3:5] == ["949.0", "237.25"]
+    assert row.rstrip(" |").split(" | ")[-4:] == expected
+    assert sum("not run" in line for line in lines) == 4 * len(configs) - 1
