@@ -323,7 +323,7 @@ def memory_table(rows, configs):
                          f"{fmt(saved) or 'not run'} | "
                          f"{fmt(saved and saved / config['batch_size'], 2)} | "
                          f"{fmt(predicted)} | {' | '.join(fits)} |")
-    return lines
+    return lines + [""]
 
 
 def search_table(device, budget):
