@@ -2,6 +2,7 @@
 
     python benchmark.py                       # every default configuration, on CUDA if present
     python benchmark.py --quick True          # a small run (under a minute on a CPU), as CI does
+    python benchmark.py --profile imagenet    # torchvision's ImageNet DenseNets at 224 and 448 px
     python benchmark.py --acceptance True     # on a GPU: CUDA tests, benchmark, epoch times
     python benchmark.py --search True --memory_budget 8GiB   # what trains in 8 GiB on a CPU
     python benchmark.py --check_model True    # the memory model against CPU measurements
@@ -62,8 +63,10 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         acceptance: the GPU acceptance run (README: On a GPU): every CUDA test, the benchmark's
             acceptance profile, demo.py's epoch times, into results/gpu-<gpu name>.md; without
             a GPU it says so and does nothing.
-        profile: the configurations: full (default), quick, or acceptance (BC-100 k=12, float32
-            and bf16, and the search within 8GiB: the benchmark part of --acceptance True).
+        profile: the configurations: full (default), quick, acceptance (BC-100 k=12, float32
+            and bf16, and the search within 8GiB: the benchmark part of --acceptance True), or
+            imagenet (torchvision's DenseNet-121, -161, -169 and -201 at 224 and 448 px, with
+            the largest batch predicted for 16 and 80 GiB GPUs).
     """
     for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
                         ("allocator", allocator), ("acceptance", acceptance),

@@ -6,6 +6,7 @@
     python demo.py --save DIR --resume True           # continue a run, with its own settings
     python demo.py --save DIR --evaluate True         # test error of a saved model
     python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
+    python demo.py --arch densenet121 --pretrained True --image_size 64 ...  # torchvision's
 
 Bad input ends with one line "error: ..." on stderr and exit status 2.
 """
@@ -25,8 +26,9 @@ AMP_MODES = ("off", "bf16", "fp16")
 GIVEN = None  # the flags on the command line (set below); None: every argument counts as given
 
 
-def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=True,
-         compression=None, drop_rate=0.0, efficient=True, recompute_bottleneck=False,
+def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, depth=None,
+         growth_rate=None, bc=None, compression=None, drop_rate=0.0, efficient=True,
+         recompute_bottleneck=False, pretrained=None,
          valid_size=5000, n_epochs=300, batch_size=64, lr=0.1, momentum=0.9, wd=1e-4,
          milestones=None, gamma=0.1, seed=None, augment=True, amp="off", channels_last=False,
          sync_bn=False, svhn_extra=False, fake_size=(50000, 10000), download=True,
@@ -49,14 +51,31 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
             A leading ~ is your home folder, also in --data=~/x.
         save: folder for the run's logs and checkpoints (created if missing).
         dataset: cifar10, cifar100, svhn, or fake (random images, no files).
-        depth: network depth L; DenseNet-BC needs L - 4 divisible by 6, plain DenseNet by 3.
-        growth_rate: k, the channels each layer adds.
-        bc: DenseNet-BC (bottleneck layers and compression) rather than plain DenseNet.
+        image_size: height and width of the images the network sees: 32 for cifar10,
+            cifar100 and svhn (the only size they have); fake makes random images of any size
+            (default 32). Below 64 the network starts with the 3x3 CIFAR stem, from 64 on with
+            the ImageNet stem (7x7 stride-2 convolution and max-pool: a quarter of the
+            resolution), whatever --arch.
+        arch: densenet121, densenet161, densenet169 or densenet201: torchvision's ImageNet
+            DenseNets (their growth rate, blocks, initial features, bottleneck 4k, compression
+            0.5), instead of the --depth/--growth_rate/--bc/--compression family (the default;
+            those flags are refused beside a named --arch).
+        depth: network depth L (default 100); DenseNet-BC needs L - 4 divisible by 6, plain
+            DenseNet by 3.
+        growth_rate: k, the channels each layer adds (default 12).
+        bc: DenseNet-BC (bottleneck layers and compression) rather than plain DenseNet (default
+            True).
         compression: channel reduction at transitions, in (0, 1]; default 0.5 for BC, else 1.
         drop_rate: dropout after each layer, in [0, 1) (the paper: 0.2 without augmentation).
         efficient: memory-efficient dense blocks (same model and results, far less memory).
         recompute_bottleneck: with efficient, also recompute the bottleneck convolutions in
             backward (least memory, more time).
+        pretrained: start from pretrained weights: True for torchvision's ImageNet weights of
+            --arch (read from torch hub's cache, $TORCH_HOME/hub/checkpoints, downloaded there
+            when missing; needs --image_size 64 or more), or the path of a state_dict or
+            checkpoint (torchvision's, this tool's checkpoint.pt or model_best.pt). Loaded
+            strictly but for the classifier, which is replaced when the number of classes
+            differs; the start-up block says what was loaded. Not reloaded on --resume.
         valid_size: training images held out for validation; 0 for none (the last model counts).
         n_epochs: number of epochs.
         batch_size: images per step, summed over all GPUs and processes.
@@ -91,8 +110,10 @@ def main(data=None, save=None, dataset="cifar10", depth=100, growth_rate=12, bc=
         plan: no training: print, for this model, batch, --amp and --channels_last, what each
             memory mode needs (saved for backward, parameters + gradients + momentum, peak of a
             training step) and what fits the GPU's free memory (on a CPU: the available memory)
-            or --memory_budget: largest batch, deepest network of this growth rate. Predicted
-            by models/memory.py in milliseconds; needs no --data or --save.
+            or --memory_budget: largest batch, deepest network of this growth rate (for a
+            named --arch: the deepest of torchvision's DenseNets of its growth rate), for
+            --image_size (default 32, or 224 for folder data). Predicted by models/memory.py
+            in milliseconds; needs no --data or --save.
         memory_budget: with --plan, the memory to plan for, such as 8GiB, 1.5GB or 512MiB.
         json: with --plan, print one JSON object instead of the table.
     """
@@ -181,12 +202,15 @@ def resolve_args(args, given=None):
     import torch
 
     from data import DATASETS
-    from models import depth_to_config
+    from training.architecture import resolve_architecture
     from training.devices import is_distributed, world_size_from_env
+    from training.pretrained import resolve_pretrained
     from training.run_folder import resume_settings
 
     config = dict(args)
     for name in BOOLEAN_ARGS:
+        if name == "bc" and config[name] is None:  # left to the architecture (--arch)
+            continue
         config[name] = parse_boolean(config[name])
         if config[name] is None:
             raise UsageError(f"--{name} must be True or False (or true/false, yes/no, 1/0), "
@@ -203,16 +227,15 @@ def resolve_args(args, given=None):
     if config["data"] is None and config["dataset"] != "fake" and not config["evaluate"]:
         raise UsageError(f"--data is required for {config['dataset']}: the folder holding "
                          f"(or receiving) its files")
-    _integer("depth", config["depth"], 1)
-    _integer("growth_rate", config["growth_rate"], 1)
-    try:
-        architecture = depth_to_config(config["depth"], config["growth_rate"], config["bc"])
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if config["compression"] is None:
-        config["compression"] = architecture["compression"]
-    config["compression"] = _number("compression", config["compression"],
-                                    lambda v: 0 < v <= 1, "in (0, 1]")
+    if config["image_size"] is None:
+        config["image_size"] = 224 if config["dataset"] == "folder" else 32
+    _integer("image_size", config["image_size"], 1)
+    if config["dataset"] in ("cifar10", "cifar100", "svhn") and config["image_size"] != 32:
+        raise UsageError(f"--image_size {config['image_size']} does not apply to "
+                         f"{config['dataset']}: its images are 32x32")
+    config = resolve_architecture(config)
+    config["pretrained"] = resolve_pretrained(config["pretrained"], config["arch"],
+                                              config["image_size"])
     config["drop_rate"] = _number("drop_rate", config["drop_rate"], lambda v: 0 <= v < 1,
                                   "in [0, 1)")
     _integer("valid_size", config["valid_size"], 0)

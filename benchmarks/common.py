@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from measure import cpu_name
-from models import DenseNet, depth_to_config, memory
+from models import DenseNet, depth_to_config, imagenet_config, imagenet_depth, memory
 from training.devices import keep_freed_memory
 
 IMPLEMENTATIONS = ("naive", "efficient", "recompute", "torchvision", "torchvision_me")
@@ -33,10 +33,12 @@ def bc_config(depth, growth_rate, batch_size=64):
                 **depth_to_config(depth, growth_rate))
 
 
-DENSENET121 = dict(name="DenseNet-121", depth=121, image_size=224, batch_size=32,
-                   num_classes=1000, small_inputs=False, growth_rate=32,
-                   block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
-                   compression=0.5)
+def named_config(arch, image_size, batch_size):
+    """torchvision's ImageNet DenseNet ``arch`` (densenet121...) on image_size x image_size."""
+    depth = imagenet_depth(arch)
+    return dict(name=f"DenseNet-{depth} {image_size}px", depth=depth, image_size=image_size,
+                batch_size=batch_size, num_classes=1000, small_inputs=False,
+                **imagenet_config(arch))
 
 
 def build(impl, config):

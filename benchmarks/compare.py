@@ -12,10 +12,9 @@ import time
 import torch
 
 from measure import peak_training_memory, saved_tensor_bytes, time_training_steps
-from models import depth_to_config, memory
+from models import ARCHITECTURES, depth_to_config, memory
 
 from .common import (
-    DENSENET121,
     IMPLEMENTATIONS,
     LABELS,
     PLAN_MODES,
@@ -26,6 +25,7 @@ from .common import (
     device_description,
     device_slug,
     fmt,
+    named_config,
     predicted_mb,
     run_in_fresh_process,
     search_near,
@@ -34,9 +34,21 @@ from .common import (
 CSV_COLUMNS = ["device", "config", "depth", "growth_rate", "image_size", "batch_size", "impl",
                "amp", "params", "saved_mb", "saved_predicted_mb", "peak_mb", "peak_predicted_mb",
                "forward_ms", "backward_ms", "step_ms"]
+# torchvision's ImageNet DenseNets: batches of equal pixels at both sizes, so that a naive
+# DenseNet-161 (the largest) saves about 3.6 GiB (CPUs here have 24 GB, shared).
+IMAGENET_BATCHES = {224: 16, 448: 4}
+GPU_MEMORY = (16 * 2**30, 80 * 2**30)  # cards the largest-batch predictions are for
+MEMORY_TABLE_IMPLS = ("naive", "torchvision_me", "efficient", "recompute")
+
+
+def imagenet_configs():
+    return [named_config(arch, size, batch) for size, batch in IMAGENET_BATCHES.items()
+            for arch in ARCHITECTURES]
+
+
 def default_configs():
     depths = [bc_config(d, 12) for d in (40, 100, 190, 250)]
-    return depths + [bc_config(250, 24), bc_config(190, 40), DENSENET121]
+    return depths + [bc_config(250, 24), bc_config(190, 40)] + imagenet_configs()
 
 
 def quick_configs():
@@ -48,7 +60,8 @@ def acceptance_configs():
     return [bc_config(100, 12)]
 
 
-PROFILES = {"full": default_configs, "quick": quick_configs, "acceptance": acceptance_configs}
+PROFILES = {"full": default_configs, "quick": quick_configs, "acceptance": acceptance_configs,
+            "imagenet": imagenet_configs}
 ACCEPTANCE_SEARCH_BUDGET = 8 * 2**30  # the CPU search's budget too: comparable answers
 
 
@@ -238,14 +251,17 @@ def markdown_table(rows, device_text, extra_lines):
 
 
 def plot(rows, path, device_text):
-    """Memory and step time against depth for the k=12 DenseNet-BC series."""
+    """Memory and step time against depth for the k=12 DenseNet-BC series; False (and no file)
+    when the rows have none."""
+    series = [r for r in rows if r["growth_rate"] == 12 and r["config"].startswith("BC-")
+              and r["amp"] == "off"]
+    if not series:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [r for r in rows if r["growth_rate"] == 12 and r["config"].startswith("BC-")
-              and r["amp"] == "off"]
     memory_key = "peak_mb" if any(r.get("peak_mb") for r in series) else "saved_mb"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for impl in IMPLEMENTATIONS:
@@ -272,6 +288,42 @@ def plot(rows, path, device_text):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
+
+
+def memory_table(rows, configs):
+    """Markdown lines: for torchvision's ImageNet DenseNets, the saved bytes each mode measured
+    (and per image), and the largest batch the planner predicts in 16 and 80 GiB of a GPU."""
+    from training.plan import largest_batch
+
+    named = [c for c in configs if not c["small_inputs"]]
+    if not named:
+        return []
+    measured = {(r["config"], r["impl"]): r for r in rows if r["amp"] == "off"}
+    budgets = " | ".join(f"{b // 2**30} GiB, {amp}" for b in GPU_MEMORY
+                         for amp in ("float32", "bf16"))
+    lines = ["", "torchvision's ImageNet DenseNets: saved for backward, measured on this CPU "
+             "(float32), and the largest batch whose training step fits a GPU of 16 or 80 GiB "
+             "(the last four columns), "
+             "predicted by the planner (models/memory.py, CUDA terms; cuDNN's workspaces and "
+             "the allocator's rounding are not included, and no GPU has checked these yet):",
+             "", f"| network | batch | mode | saved MiB | per image MiB | predicted saved | "
+             f"{budgets} |", "|---" * (6 + 2 * len(GPU_MEMORY)) + "|"]
+    keys = ("growth_rate", "block_config", "num_init_features", "bn_size", "compression",
+            "num_classes", "small_inputs", "image_size")
+    for config in named:
+        net = memory.network(**{k: config[k] for k in keys})
+        for impl in MEMORY_TABLE_IMPLS:
+            row = measured.get((config["name"], impl))
+            saved = row["saved_mb"] if row else None
+            predicted = memory.saved_bytes(net, config["batch_size"], PLAN_MODES[impl]) / 2**20
+            fits = [f"{largest_batch(net, PLAN_MODES[impl], budget, amp=amp, device='cuda'):,}"
+                    for budget in GPU_MEMORY for amp in ("off", "bf16")]
+            lines.append(f"| {config['name']} | {config['batch_size']} | {LABELS[impl]} | "
+                         f"{fmt(saved) or 'not run'} | "
+                         f"{fmt(saved and saved / config['batch_size'], 2)} | "
+                         f"{fmt(predicted)} | {' | '.join(fits)} |")
+    return lines + [""]
 
 
 def search_table(device, budget):
@@ -338,7 +390,8 @@ def run(profile, device, out, repeats=None, amp=None, time_max_depth=None, cpu_m
                                config["depth"] <= time_max_depth, amp_modes,
                                fresh=not on_cuda and not quick)
 
-    extra = search_table(device, search_budget) if search else []
+    extra = memory_table(rows, PROFILES[profile]())
+    extra += search_table(device, search_budget) if search else []
     command = "python benchmark.py " + " ".join(sys.argv[1:])
     extra.append(f"Command: `{command.strip()}`; torch {torch.__version__}; "
                  f"{time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s.")
@@ -354,6 +407,6 @@ def run(profile, device, out, repeats=None, amp=None, time_max_depth=None, cpu_m
                              for k, v in row.items() if k in CSV_COLUMNS})
     with open(stem + ".md", "w") as f:
         f.write(markdown_table(rows, description + allocator, extra))
-    plot(rows, stem + ".png", description)
-    print(f"wrote {stem}.csv, .md, .png")
+    plotted = plot(rows, stem + ".png", description)
+    print(f"wrote {stem}.csv, .md" + (", .png" if plotted else ""))
     return stem

@@ -50,13 +50,15 @@ class Dataset:
     flip: bool
 
 
-def load_dataset(name, root, svhn_extra=False, download=True, fake_size=(50000, 10000)):
+def load_dataset(name, root, svhn_extra=False, download=True, fake_size=(50000, 10000),
+                 image_size=32):
     """Load dataset `name` (one of DATASETS) from folder `root` and return a Dataset.
 
     Files already in `root` are read without network access and checked for structure, not
     checksums. Missing files are downloaded through torchvision (which verifies checksums) when
     `download` is true. `svhn_extra` appends SVHN's 531,131 extra images to its training set.
-    `fake_size` = (train, test) sizes of the random `fake` dataset, which needs no files.
+    `fake_size` = (train, test) sizes of the random `fake` dataset, which needs no files;
+    `image_size` its images' height and width (the other datasets are 32x32).
     Raises DataError for missing or malformed files, ValueError for invalid arguments.
     """
     if name not in DATASETS:
@@ -68,7 +70,7 @@ def load_dataset(name, root, svhn_extra=False, download=True, fake_size=(50000, 
     if name != "fake" and not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"root must be a folder path for {name}, got {root!r}")
     if name == "fake":
-        train_images, train_labels, test_images, test_labels = _make_fake(fake_size)
+        train_images, train_labels, test_images, test_labels = _make_fake(fake_size, image_size)
         num_classes, flip = 10, True
     elif name == "svhn":
         splits = ["train", "test"] + (["extra"] if svhn_extra else [])
@@ -101,7 +103,7 @@ def channel_stats(images):
     return tuple(means), tuple(stds)
 
 
-def _make_fake(fake_size):
+def _make_fake(fake_size, image_size=32):
     if (not isinstance(fake_size, (tuple, list)) or len(fake_size) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                        for n in fake_size)):
@@ -110,7 +112,7 @@ def _make_fake(fake_size):
     generator = torch.Generator().manual_seed(0)
     tensors = []
     for size in fake_size:
-        tensors.append(torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8,
+        tensors.append(torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8,
                                      generator=generator))
         tensors.append(torch.randint(0, 10, (size,), generator=generator))
     return tensors

@@ -1,5 +1,14 @@
 """DenseNet models: pure torch, no data or training code."""
 
-from .densenet import DenseNet, depth_to_config
+from .densenet import (
+    ARCHITECTURES,
+    IMAGENET_STEM_MIN_SIZE,
+    DenseNet,
+    depth_to_config,
+    imagenet_config,
+    imagenet_depth,
+    small_inputs_for,
+)
 
-__all__ = ["DenseNet", "depth_to_config"]
+__all__ = ["ARCHITECTURES", "IMAGENET_STEM_MIN_SIZE", "DenseNet", "depth_to_config",
+           "imagenet_config", "imagenet_depth", "small_inputs_for"]

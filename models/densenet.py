@@ -57,6 +57,40 @@ def depth_to_config(depth, growth_rate=12, bc=True):
     )
 
 
+# torchvision's ImageNet DenseNets (Huang et al., 2017, Table 1): same names, same configurations.
+ARCHITECTURES = {
+    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
+    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
+    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
+    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
+}
+# Images at least this large get the ImageNet stem (7x7 stride-2 convolution, BatchNorm, ReLU,
+# 3x3 stride-2 max-pool: a quarter of the resolution); smaller ones the 3x3 CIFAR stem.
+IMAGENET_STEM_MIN_SIZE = 64
+
+
+def imagenet_config(name):
+    """DenseNet keyword arguments of torchvision's ``name`` (densenet121, densenet161,
+    densenet169 or densenet201): bottleneck width 4k, compression 0.5. ValueError otherwise."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    return dict(ARCHITECTURES[name], bn_size=4, compression=0.5)
+
+
+def imagenet_depth(name):
+    """The number in the name: convolutions and the classifier (two per layer, one per
+    transition, conv0, classifier)."""
+    blocks = ARCHITECTURES[name]["block_config"]
+    return 2 * sum(blocks) + len(blocks) - 1 + 2
+
+
+def small_inputs_for(image_size):
+    """DenseNet's ``small_inputs`` for images of ``image_size`` pixels (the smaller side): the
+    CIFAR stem below IMAGENET_STEM_MIN_SIZE, the ImageNet stem from there on."""
+    return image_size < IMAGENET_STEM_MIN_SIZE
+
+
 class _DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (bottleneck), or BN-ReLU-Conv3x3 without one."""
 

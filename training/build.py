@@ -3,8 +3,9 @@
 import torch
 
 from data import TensorLoader, load_dataset, split_validation
-from models import DenseNet, depth_to_config
+from models import DenseNet
 
+from .architecture import architecture, describe
 from .devices import on_all_ranks
 from .errors import UsageError
 from .step import graphable_lr
@@ -13,24 +14,22 @@ MAX_VALID_FRACTION = 0.2  # a larger validation split leaves too little to train
 
 
 def build_model(config, num_classes):
-    """The DenseNet the configuration describes (depth -> layers per block as in the paper)."""
-    kwargs = depth_to_config(config["depth"], config["growth_rate"], config["bc"])
-    kwargs["compression"] = config["compression"]
-    return DenseNet(**kwargs, drop_rate=config["drop_rate"], num_classes=num_classes,
-                    small_inputs=True, efficient=config["efficient"],
+    """The DenseNet the configuration describes (training.architecture)."""
+    return DenseNet(**architecture(config), num_classes=num_classes,
+                    efficient=config["efficient"],
                     recompute_bottleneck=config["recompute_bottleneck"])
 
 
 def model_name(config):
-    kind = "DenseNet-BC" if config["bc"] else "DenseNet"
     mode = ("efficient + recompute_bottleneck" if config["recompute_bottleneck"]
             else "efficient" if config["efficient"] else "naive")
-    return f"{kind} (L={config['depth']}, k={config['growth_rate']}), {mode}"
+    return f"{describe(config)}, {mode}"
 
 
 def read_dataset(config, download):
     return load_dataset(config["dataset"], config["data"], svhn_extra=config["svhn_extra"],
-                        download=download, fake_size=tuple(config["fake_size"]))
+                        download=download, fake_size=tuple(config["fake_size"]),
+                        image_size=config.get("image_size") or 32)
 
 
 def load_data(config, devices):

@@ -23,6 +23,7 @@ from .devices import Devices, any_rank, broadcast, on_all_ranks, wrap
 from .errors import UsageError, one_line
 from .evaluation import evaluate, summarize
 from .log import Log, Progress, plural
+from .pretrained import apply_pretrained
 from .run_folder import RunFolder
 from .step import graphable_lr, make_step
 from .stop import Stopped, StopRequest
@@ -75,6 +76,9 @@ class Run:
         self.train_loader, self.valid_loader, self.test_loader = on_all_ranks(
             lambda: make_loaders(config, dataset, devices, self.generator))
         self.raw_model = build_model(config, dataset.num_classes)
+        weights = None  # a resumed run's weights come from its checkpoint
+        if config.get("pretrained") and checkpoint is None:
+            weights = apply_pretrained(self.raw_model, config, devices.rank, model_name(config))
         if config["sync_bn"]:
             self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
         memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
@@ -96,6 +100,8 @@ class Run:
         parameters = sum(p.numel() for p in self.raw_model.parameters())
         log.print(f"model    {model_name(config)}: {parameters:,} parameters, amp "
                   f"{config['amp']}, channels_last {config['channels_last']}")
+        if weights:
+            log.print(f"weights  {weights}")
         valid = len(self.valid_loader.images) if self.valid_loader else 0
         log.print(f"data     {dataset.name}: {len(dataset.train_images) - valid:,} training, "
                   f"{valid:,} validation, {len(dataset.test_images):,} test images; batch "

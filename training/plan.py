@@ -11,11 +11,14 @@ import numbers
 import os
 import re
 
-from models import depth_to_config, memory
+from models import ARCHITECTURES, depth_to_config, imagenet_config, imagenet_depth, memory
 
+from .architecture import architecture as architecture_kwargs
+from .architecture import describe, resolve_architecture
 from .errors import UsageError
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fake": 10}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fake": 10, "folder": None}
+FOLDER_CLASSES = 1000  # folder data whose classes cannot be counted: plan for ImageNet's
 LABELS = {
     "naive": "naive",
     "efficient": "efficient",
@@ -127,6 +130,26 @@ def deepest(architecture, bc, batch_size, mode, budget, **options):
     return per_layer * layers + 4 if layers else None
 
 
+def deepest_named(architecture, arch, batch_size, mode, budget, **options):
+    """The depth (121, 169, ...) of the deepest of torchvision's DenseNets with ``arch``'s growth
+    rate (the family 121, 169, 201; 161 alone) that fits ``budget`` at ``batch_size``, on
+    ``architecture``'s images and classes; None if none does."""
+    growth_rate = ARCHITECTURES[arch]["growth_rate"]
+    fitting = [imagenet_depth(name) for name, kwargs in ARCHITECTURES.items()
+               if kwargs["growth_rate"] == growth_rate and memory.peak_bytes(
+                   memory.network(**dict(architecture, **imagenet_config(name))), batch_size,
+                   mode, **options) <= budget]
+    return max(fitting, default=None)
+
+
+def family(arch):
+    """torchvision's DenseNets that deepest_named chooses from for ``arch``, as words."""
+    growth_rate = ARCHITECTURES[arch]["growth_rate"]
+    return ", ".join(f"DenseNet-{imagenet_depth(name)}" for name, kwargs in
+                     sorted(ARCHITECTURES.items(), key=lambda item: imagenet_depth(item[0]))
+                     if kwargs["growth_rate"] == growth_rate)
+
+
 def largest_growth_rate(architecture, bc, batch_size, mode, budget, **options):
     """The largest growth rate k whose network at ``architecture``'s depth (depth_to_config's
     convention, with its compression, dropout and classes) fits ``budget`` at ``batch_size``;
@@ -164,13 +187,15 @@ def _largest(fits, limit):
 
 
 def plan(architecture, batch_size=64, amp="off", channels_last=False, mode="efficient",
-         device="cpu", budget=None, bc=None):
+         device="cpu", budget=None, bc=None, arch=None):
     """Predicted figures of every mode for DenseNet(**architecture) (plus its image_size).
 
     ``architecture`` holds DenseNet's keyword arguments and image_size. With a ``budget`` in
     bytes, each mode also says whether it fits, the largest batch that fits and, when ``bc`` is
     True or False (the architecture follows depth_to_config), the deepest network of this growth
-    rate that fits at this batch. Returns a dict (see run_plan for its JSON form).
+    rate that fits at this batch; when ``arch`` names torchvision's DenseNet that
+    ``architecture`` is, the depth of the deepest of torchvision's DenseNets of its growth rate
+    that fits (deepest_named). Returns a dict (see run_plan for its JSON form).
     """
     try:
         net = memory.network(**architecture)
@@ -191,6 +216,9 @@ def plan(architecture, batch_size=64, amp="off", channels_last=False, mode="effi
             if bc is not None:
                 figures["deepest"] = deepest(architecture, bc, batch_size, name, budget,
                                              **options)
+            elif arch is not None:
+                figures["deepest"] = deepest_named(architecture, arch, batch_size, name, budget,
+                                                   **options)
         report["modes"][name] = figures
     return report
 
@@ -204,8 +232,8 @@ def json_report(report, device):
             "budget_bytes": report["budget_bytes"], "device": device}
 
 
-def table(report, title, device_line, batch_size, depth_kind):
-    """The plan as text: a header, one row per mode, a footnote."""
+def table(report, title, device_line, batch_size, depth_kind, note=None):
+    """The plan as text: a header, one row per mode, a footnote (and ``note`` after it)."""
     net = report["network"]
     lines = [title,
              f"{report['parameters']:,} parameters ({format_bytes(4 * report['parameters'])}), "
@@ -238,6 +266,7 @@ def table(report, title, device_line, batch_size, depth_kind):
     lines += ["", "saved: what autograd keeps for backward (parameters and the input excluded); "
               "peak: predicted peak of one", "training step (forward, backward, SGD step), the "
               f"input batch included; models/memory.py, {net.image[0]}x{net.image[1]} images."]
+    lines += [note] if note else []
     return "\n".join(lines)
 
 
@@ -278,12 +307,10 @@ def check_fits(config):
     from .devices import is_distributed, world_size_from_env
 
     check_depth(config["depth"])
-    bc = config["bc"]
-    architecture = depth_to_config(config["depth"], config["growth_rate"], bc)
     # A dataset of unknown classes counts as one class: the refusal must be certain.
-    architecture.update(compression=config["compression"], drop_rate=config["drop_rate"],
-                        num_classes=NUM_CLASSES.get(config["dataset"], 1), small_inputs=True,
-                        image_size=32)
+    architecture = dict(architecture_kwargs(config),
+                        num_classes=NUM_CLASSES.get(config["dataset"]) or 1,
+                        image_size=config["image_size"])
     mode = "naive" if not config["efficient"] else \
         "recompute_bottleneck" if config["recompute_bottleneck"] else "efficient"
     device, description, total = device_memory()
@@ -296,14 +323,22 @@ def check_fits(config):
     if total is None or peak <= total:
         return
     parameters = 4 * memory.parameters(net)
-    kind = "DenseNet-BC" if bc else "DenseNet"
     raise UsageError(
-        f"{kind} (L={config['depth']}, k={config['growth_rate']}) cannot train on "
+        f"{describe(config)} cannot train on "
         f"{description}: its parameters alone take {format_bytes(parameters)} "
         f"({format_bytes(memory.state_bytes(net))} with gradients and momentum), and the "
         f"planner predicts {format_bytes(peak)} for one training step at batch {batch:,} "
         f"({LABELS[mode]}, amp {config['amp']}), more than its {format_bytes(total)} of "
         f"memory; the same flags with --plan True show what fits")
+
+
+def _folder_classes(data):
+    """The class folders in data/train, or FOLDER_CLASSES when there are none to count."""
+    try:
+        classes = sum(entry.is_dir() for entry in os.scandir(os.path.join(str(data), "train")))
+    except (OSError, TypeError):
+        classes = 0
+    return classes or FOLDER_CLASSES
 
 
 def _boolean(config, name):
@@ -315,32 +350,32 @@ def _boolean(config, name):
 def run_plan(config):
     """``demo.py --plan True``: check the arguments the plan needs, print the plan (a table, or
     JSON with --json True). Returns the exit status; raises UsageError on bad input."""
-    for name in ("plan", "json", "bc", "efficient", "recompute_bottleneck", "channels_last"):
+    for name in ("plan", "json", "efficient", "recompute_bottleneck", "channels_last"):
         _boolean(config, name)
     if config["dataset"] not in NUM_CLASSES:
         raise UsageError(f"unknown --dataset {config['dataset']!r}; choose one of "
                         f"{', '.join(NUM_CLASSES)}")
-    for name in ("depth", "growth_rate", "batch_size"):
-        value = config[name]
+    for name in ("batch_size", "image_size"):
+        value = config.get(name)
+        if name == "image_size" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name} must be an integer >= 1, got {value!r}")
     if config["amp"] not in memory.COMPUTE_BYTES:
         raise UsageError(f"--amp must be one of {', '.join(memory.COMPUTE_BYTES)}, "
                         f"got {config['amp']!r}")
-    bc = config["bc"]
+    if config["drop_rate"] is None:
+        config = {**config, "drop_rate": 0.0}
+    if isinstance(config["drop_rate"], bool) or not isinstance(config["drop_rate"], (int, float)):
+        raise UsageError(f"--drop_rate must be a number, got {config['drop_rate']!r}")
+    # Any size may be planned; the default is what training would use.
+    size = config.get("image_size") or (224 if config["dataset"] == "folder" else 32)
+    config = resolve_architecture({**config, "image_size": size})
     check_depth(config["depth"])
-    try:
-        architecture = depth_to_config(config["depth"], config["growth_rate"], bc)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    for name, default in (("compression", architecture["compression"]), ("drop_rate", 0.0)):
-        value = default if config[name] is None else config[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"--{name} must be a number, got {value!r}")
-        architecture[name] = value
-    architecture.update(num_classes=NUM_CLASSES[config["dataset"]], small_inputs=True,
-                        image_size=32)
-    if config["recompute_bottleneck"] and not (config["efficient"] and bc):
+    arch, bc = config["arch"], None if config["arch"] else config["bc"]
+    classes = NUM_CLASSES[config["dataset"]] or _folder_classes(config.get("data"))
+    architecture = dict(architecture_kwargs(config), num_classes=classes, image_size=size)
+    if config["recompute_bottleneck"] and not (config["efficient"] and config["bc"]):
         raise UsageError("--recompute_bottleneck True needs --efficient True and --bc True")
     mode = "naive" if not config["efficient"] else \
         "recompute_bottleneck" if config["recompute_bottleneck"] else "efficient"
@@ -353,7 +388,8 @@ def run_plan(config):
     if budget is None and free is not None:
         budget, source = free, "free memory" if device == "cuda" else "available memory"
     options = dict(batch_size=config["batch_size"], amp=config["amp"],
-                   channels_last=config["channels_last"], mode=mode, device=device, bc=bc)
+                   channels_last=config["channels_last"], mode=mode, device=device, bc=bc,
+                   arch=arch)
     report = plan(architecture, budget=budget, **options)
     if config["memory_budget"] is not None and budget < 4 * report["parameters"]:
         raise UsageError(f"--memory_budget {config['memory_budget']} ({format_bytes(budget)}) is "
@@ -362,16 +398,23 @@ def run_plan(config):
     if config["json"]:
         print(json.dumps(json_report(report, description)))
         return 0
-    kind = "DenseNet-BC" if bc else "DenseNet"
-    title = (f"{kind} depth {config['depth']}, growth rate {config['growth_rate']}, "
-             f"compression {architecture['compression']:g}, dropout "
-             f"{architecture['drop_rate']:g}, {architecture['num_classes']} classes; batch "
-             f"{config['batch_size']} of 32x32 images, amp {config['amp']}, channels_last "
+    kind = "DenseNet" if arch or not bc else "DenseNet-BC"
+    if arch:
+        network = describe(config)
+        note = f"deepest: of torchvision's DenseNets with this growth rate ({family(arch)})."
+    else:
+        stem = "" if architecture["small_inputs"] else ", ImageNet stem"
+        network = (f"{kind} depth {config['depth']}, growth rate {config['growth_rate']}, "
+                   f"compression {architecture['compression']:g}{stem}")
+        note = None
+    title = (f"{network}, dropout {architecture['drop_rate']:g}, "
+             f"{architecture['num_classes']} classes; batch {config['batch_size']} of "
+             f"{size}x{size} images, amp {config['amp']}, channels_last "
              f"{config['channels_last']}")
     memory_line = "memory unknown" if total is None else \
         f"{format_bytes(total)} total, {format_bytes(free)} " + \
         ("free" if device == "cuda" else "available")
     budget_line = "no budget" if budget is None else f"budget {format_bytes(budget)} ({source})"
     print(table(report, title, f"{description}: {memory_line}; {budget_line}",
-                config["batch_size"], kind))
+                config["batch_size"], kind, note))
     return 0
