@@ -405,6 +405,9 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
             del u
             if spec.training and group is not None:
                 z_mean, z_invstd = z_mean_all[j], z_invstd_all[j]
+                # In the statistics' dtype, as the kernel below computes: z_hat is float32 for
+                # half-precision z, and the kernels need g_u in the same dtype.
+                g_u = g_u.to(sdt)
                 z_hat = (z - _channel(z_mean)) * _channel(z_invstd)
                 _, g_scale2, g_shift2 = _affine_backward(g_u, z_hat, scale)
                 g_z = _normalized_grad(g_u * _channel(scale), z_hat, z_invstd, group)
