@@ -567,12 +567,12 @@ def test_reduce_overhead_compile_matches_eager_with_a_smaller_batch_and_evaluati
             model.train(training)
             with torch.set_grad_enabled(training):
                 logits = forward(x)
-            if training:
+            if training:  # PyTorch's recipe for training under reduce-overhead
                 loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
+                outputs.append(loss.detach().clone())
                 loss.backward()
                 optimizer.step()
-                outputs.append(loss.detach().clone())
+                optimizer.zero_grad(set_to_none=True)
             else:
                 outputs.append(logits.sum().clone())
             del logits
