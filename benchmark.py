@@ -3,7 +3,7 @@
     python benchmark.py                       # every default configuration, on CUDA if present
     python benchmark.py --quick True          # a small run (under a minute on a CPU), as CI does
     python benchmark.py --profile imagenet    # torchvision's ImageNet DenseNets at 224 and 448 px
-    python benchmark.py --acceptance True     # on a GPU: CUDA tests, benchmark, epoch times
+    python benchmark.py --acceptance True     # on a GPU: tests, memory, times, in 5 minutes
     python benchmark.py --search True --memory_budget 8GiB   # what trains in 8 GiB on a CPU
     python benchmark.py --check_model True    # the memory model against CPU measurements
     python benchmark.py --tools True          # torch.compile, operator counts, accuracy (CPU)
@@ -60,13 +60,14 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
             gradient accuracy; writes tools-cpu.md (with quick, a tiny model: tools-cpu-quick.md).
         allocator: only CPU steps with glibc's default allocator against freed memory kept (as
             demo.py does on a CPU), each model in fresh processes; writes cpu-allocator.md.
-        acceptance: the GPU acceptance run (README: On a GPU): every CUDA test, the benchmark's
-            acceptance profile, demo.py's epoch times, into results/gpu-<gpu name>.md; without
-            a GPU it says so and does nothing.
+        acceptance: the GPU acceptance run (README: On a GPU; benchmarks/gpu_window.sh runs
+            it on a bare machine): the CUDA tests, peak memory, step and epoch times, largest
+            batch and deepest network within 5 minutes, into results/gpu-<gpu name>.md;
+            without a GPU it says so and does nothing.
         profile: the configurations: full (default), quick, acceptance (BC-100 k=12, float32
-            and bf16, and the search within 8GiB: the benchmark part of --acceptance True), or
-            imagenet (torchvision's DenseNet-121, -161, -169 and -201 at 224 and 448 px, with
-            the largest batch predicted for 16 and 80 GiB GPUs).
+            and bf16, and the search within 8GiB), or imagenet (torchvision's DenseNet-121,
+            -161, -169 and -201 at 224 and 448 px, with the largest batch predicted for 16 and
+            80 GiB GPUs).
     """
     for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
                         ("allocator", allocator), ("acceptance", acceptance),

@@ -327,8 +327,10 @@ class DenseNet(nn.Module):
         holds only standard operators (export is for inference, where memory in training does
         not matter). torch.compile, torch.func and eager mode use the efficient operators.
         """
+        # torch.export's flag itself: torch 2.11's Dynamo folds torch.compiler.is_exporting()
+        # to True inside every torch.compile (which then ran the naive path).
         return not (torch.jit.is_tracing() or is_fx_symbolic_tracing()
-                    or torch.compiler.is_exporting())
+                    or getattr(torch.compiler, "_is_exporting_flag", False))
 
     @torch.jit.unused
     def _efficient_features(self, x: Tensor) -> Tensor:

@@ -62,6 +62,8 @@ autocast state, so a compiled graph computes exactly what eager mode does. A Syn
 process group travels by name (``group.group_name``).
 """
 
+import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -144,17 +146,56 @@ def _conv_of_affine_relu(buf, chunks, scale, shift, weight, padding):
         padding=padding))
 
 
-_IDENTITY = {}  # (device, dtype) -> (zeros, ones), grown as needed: two launches fewer per call
+_running = threading.local()  # .identity: the running function's (zeros, ones); see below
 
 
 def _identity_stats(like, n=None):
-    """Zero means and unit variances for ``n`` (default ``like.numel()``) channels."""
-    key, n = (like.device, like.dtype), like.numel() if n is None else n
-    cached = _IDENTITY.get(key)
-    if cached is None or cached[0].numel() < n:
-        cached = like.new_zeros(max(2 * n, 64)), like.new_ones(max(2 * n, 64))
-        _IDENTITY[key] = cached
-    return cached[0][:n], cached[1][:n]
+    """Zero means and unit variances for ``n`` (default ``like.numel()``) channels: slices of the
+    pair that _with_identity_stats made for the running block or reader function."""
+    n = like.numel() if n is None else n
+    identity = getattr(_running, "identity", None)
+    if identity is None or identity[0].numel() < n or identity[0].dtype != like.dtype \
+            or identity[0].device != like.device:
+        return like.new_zeros(n), like.new_ones(n)  # a call from outside those functions
+    return identity[0][:n], identity[1][:n]
+
+
+def _with_identity_stats(widest):
+    """Decorator: while the function runs, _identity_stats serves slices of one pair of zeros
+    and ones for ``widest(*args)`` -> (buffer-like tensor, statistics dtype, channels).
+
+    Made at each call and freed at its end, never cached across calls: a CUDA graph (capture,
+    or torch.compile's "reduce-overhead") replays the addresses it recorded, and a cache that
+    grew later (a smaller batch takes wider channel slices) would have freed them. Two fills per
+    block or reader cost nothing next to its kernels.
+    """
+    def decorate(function):
+        @functools.wraps(function)
+        def run(*args):
+            like, dtype, channels = widest(*args)
+            outer = getattr(_running, "identity", None)
+            _running.identity = (like.new_zeros(channels, dtype=dtype),
+                                 like.new_ones(channels, dtype=dtype))
+            try:
+                return function(*args)
+            finally:
+                _running.identity = outer
+        return run
+    return decorate
+
+
+def _widest_in_block(spec, x, params, dtype, *_):
+    """block_forward's widest channel count: its buffer, or a bottleneck wider than that."""
+    channels = x.shape[1] + spec.num_layers(params) * spec.growth_rate
+    return x, _stat_dtype(dtype), max(channels, params[2].shape[0])
+
+
+def _widest_in_block_backward(spec, grad_buf, buf, invstd, z_mean, z_invstd, params, *_):
+    return buf, _stat_dtype(buf.dtype), max(buf.shape[1], params[2].shape[0])
+
+
+def _widest_read(buf, *_):
+    return buf, _stat_dtype(buf.dtype), buf.shape[1]
 
 
 def _affine_relu(x, scale, shift):
@@ -269,6 +310,7 @@ def _stack_affine(spec, params, index):
     return torch.stack(params[index::spec.params_per_layer])
 
 
+@_with_identity_stats(_widest_in_block)
 def block_forward(spec, x, params, dtype, keep_for_backward):
     """Run a dense block in ``dtype``. Returns (buffer, stats, saved).
 
@@ -348,6 +390,7 @@ def block_forward(spec, x, params, dtype, keep_for_backward):
     return buf, (mean, invstd, z_mean, z_invstd), (saved_z, masks)
 
 
+@_with_identity_stats(_widest_in_block_backward)
 def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params, saved_z,
                    masks, x_dtype):
     """Gradients of a dense block: [dL/dx, dL/dparam for each param], from dL/d(buffer)."""
@@ -405,6 +448,9 @@ def block_backward(spec, grad_buf, buf, invstd, z_mean_all, z_invstd_all, params
             del u
             if spec.training and group is not None:
                 z_mean, z_invstd = z_mean_all[j], z_invstd_all[j]
+                # In the statistics' dtype, as the kernel below computes: z_hat is float32 for
+                # half-precision z, and the kernels need g_u in the same dtype.
+                g_u = g_u.to(sdt)
                 z_hat = (z - _channel(z_mean)) * _channel(z_invstd)
                 _, g_scale2, g_shift2 = _affine_backward(g_u, z_hat, scale)
                 g_z = _normalized_grad(g_u * _channel(scale), z_hat, z_invstd, group)
@@ -464,6 +510,7 @@ def _like(grad, param):
     return grad.to(param.dtype).contiguous(memory_format=memory_format(param))
 
 
+@_with_identity_stats(_widest_read)
 def reader_forward(buf, scale, shift, weight, global_pool):
     """BatchNorm-ReLU of the buffer, then a 2x2 average pool and a 1x1 conv (transition), or a
     global average pool (head, ``weight`` None); a slice of channels at a time."""
@@ -481,6 +528,7 @@ def reader_forward(buf, scale, shift, weight, global_pool):
     return out.contiguous(memory_format=memory_format(buf))
 
 
+@_with_identity_stats(lambda grad_out, *args: _widest_read(*args))
 def reader_backward(grad_out, buf, scale, shift, weight, global_pool):
     """[dL/d(buffer), dL/d(scale), dL/d(shift)] (+ [dL/d(weight)] for a transition)."""
     dtype, sdt = buf.dtype, _stat_dtype(buf.dtype)

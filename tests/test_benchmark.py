@@ -1,8 +1,7 @@
 """benchmark.py and benchmarks/: the quick run end to end, the searches, the GPU acceptance run's
-CPU answer and its report."""
+CPU answer (its report: tests/test_gpu_window.py)."""
 
 import csv
-import json
 import os
 import re
 import shutil
@@ -86,66 +85,6 @@ def test_acceptance_run_without_a_gpu_says_so_in_one_line_and_exits_0():
     assert result.stdout.strip().splitlines() == [
         "no CUDA GPU here: the GPU acceptance run needs one (nothing was run)"]
     assert sorted((ROOT / "results").rglob("*")) == results_before
-
-
-JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
-<testcase classname="tests.test_cuda" name="test_a[float64]" time="1.5"/>
-<testcase classname="tests.test_cuda" name="test_b" time="0.2"><failure message="assert 1 == 2">
-long traceback</failure></testcase>
-<testcase classname="tests.test_cuda_demo" name="test_c" time="0.0"><skipped
- message="needs 2 GPUs for torchrun with nccl"/></testcase>
-</testsuite></testsuites>"""
-
-
-def test_acceptance_report_parts_from_what_their_commands_leave(tmp_path, monkeypatch):
-    """Each part of the report, its commands replaced by stand-ins that leave what the real
-    ones leave: pytest's JUnit XML and the tests' figures, the benchmark's table, demo.py's
-    results.csv (or nothing, for a mode that fails)."""
-    from benchmarks import acceptance
-
-    commands = []
-
-    def fake_run_part(command, limit, log, env=None):
-        commands.append(command)
-        log.write_text("line 1\nTraceback: the last line\n")
-        if "pytest" in command:
-            junit = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--junitxml"))
-            Path(junit).write_text(JUNIT)
-            figures = Path(env[acceptance.REPORT_DIR_VARIABLE])
-            (figures / "peak_memory.json").write_text(json.dumps(
-                {"name": "peak_memory", "figures": {"peak_mib": {"naive": 2100.5,
-                                                                 "efficient": 480.2}}}))
-            return 1, 12.0
-        if "benchmark.py" in command:
-            out = Path(command[command.index("--out") + 1])
-            out.mkdir()
-            (out / "benchmark-cuda-h100-acceptance.md").write_text("| the table |")
-            return 0, 30.0
-        if "--cuda_graph" in command:
-            return 2, 3.0  # refused, wrote nothing
-        save = Path(command[command.index("--save") + 1])
-        save.mkdir()
-        (save / "results.csv").write_text(
-            "epoch,epoch_seconds,images_per_second,peak_memory_mb\n1,14.2,4000.0,510.3\n"
-            "2,9.8,4700.5,510.3\n")
-        return 0, 25.0
-
-    monkeypatch.setattr(acceptance, "run_part", fake_run_part)
-    tests = "\n".join(acceptance.cuda_tests(tmp_path))
-    assert "1 passed, 1 failed, 1 skipped." in tests
-    assert "| test_cuda::test_b | FAILED | 0.2 | assert 1 == 2 |" in tests
-    assert "needs 2 GPUs for torchrun with nccl" in tests
-    assert "- peak_memory: peak_mib naive 2100.5, efficient 480.2" in tests
-    assert "| the table |" in "\n".join(acceptance.benchmark(tmp_path))
-    epochs = acceptance.epoch_times(tmp_path)
-    assert "| eager, float32 | exit status 0 after 25 s | 14.2 | 9.8 | 4700.5 | 510.3 |" in epochs
-    assert any(line.startswith("| CUDA graph, float32 | exit status 2 after 3 s; Traceback: "
-                               "the last line |") for line in epochs)
-    demo_runs = [c for c in commands if "demo.py" in c]
-    assert len(demo_runs) == len(acceptance.EPOCH_MODES)
-    for command in demo_runs:
-        assert command[command.index("--fake_size") + 1] == "50000,10000"
-        assert command[command.index("--depth") + 1] == "100"
 
 
 def test_allocator_comparison_writes_both_allocators_outside_the_checkout():

@@ -481,3 +481,107 @@ def test_cuda_graph_training_step_matches_eager(exact_float32, record_property, 
                    graph_ms=round(graph_ms, 2), speedup=round(eager_ms / graph_ms, 2),
                    steps_timed=f"median of 3 rounds of {timed}")
     report(f"cuda_graph_step_{amp}", figures, record_property)
+
+
+# --- 7. CUDA graphs after a smaller batch and evaluation ----------------------------------------
+# A graph replays the addresses it recorded. A smaller batch takes wider channel slices in a
+# chunked layer, and evaluation other shapes: whatever those allocate must leave the graph's
+# memory alone (models/efficient.py keeps no tensor between calls). Slices of 5 channels at
+# batch 8 make the small model's layers work in chunks, as a very deep network's do.
+
+def chunked(monkeypatch, x):
+    monkeypatch.setattr(efficient_ops, "CHUNK_BYTES", 5 * x[:, :1].nbytes)
+
+
+def scribble():
+    """Allocate and fill small blocks, so that a replay reading freed memory reads garbage."""
+    return [torch.full((n,), float("nan"), device=DEVICE) for n in range(64, 4096, 16)]
+
+
+# (batch size, training) in order: captured steps, a smaller last batch run eagerly,
+# evaluation at both sizes, then more replays of the captured step.
+SCHEDULE = [(8, True)] * 5 + [(5, True), (5, False), (8, False)] + [(8, True)] * 3
+
+
+def schedule_data():
+    images, labels = fake_batches(len(SCHEDULE), 8, 16, seed=3)
+    return [(x[:n], y[:n], training) for (n, training), x, y in zip(SCHEDULE, images, labels,
+                                                                       strict=True)]
+
+
+@needs_cuda("CUDA graphs")
+def test_captured_step_replays_right_after_a_smaller_batch_and_evaluation(exact_float32,
+                                                                          monkeypatch):
+    """demo.py's --cuda_graph step (GraphedStep) against the same steps run eagerly."""
+    data = schedule_data()
+    chunked(monkeypatch, data[0][0])
+    torch.manual_seed(0)
+    graphed_model = DenseNet(efficient=True, **SMALL).to(DEVICE)
+    eager_model = copy.deepcopy(graphed_model)
+    run_config = {"lr": 0.05, "momentum": 0.9, "wd": 1e-4, "amp": "off", "cuda_graph": True}
+
+    def step_of(model, graphed):
+        optimizer = make_optimizer({**run_config, "cuda_graph": graphed}, model, DEVICE)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        eager = EagerStep(model, optimizer, scaler, "off", DEVICE)
+        return GraphedStep(eager) if graphed else eager
+
+    results = []
+    for model, step in ((graphed_model, step_of(graphed_model, True)),
+                        (eager_model, step_of(eager_model, False))):
+        outputs = []
+        for x, y, training in data:
+            model.train(training)
+            if training:
+                outputs.append(step(x, y)[0].clone())
+            else:
+                with torch.no_grad():
+                    outputs.append(model(x).sum())
+            garbage = scribble()
+            del garbage
+        results.append(torch.stack(outputs))
+    graph_out, eager_out = results
+    assert torch.isfinite(graph_out).all(), graph_out
+    assert norm_err(graph_out, eager_out) < 1e-4, (graph_out, eager_out)
+    for (name, a), b in zip(graphed_model.state_dict().items(),
+                            eager_model.state_dict().values(), strict=True):
+        assert torch.isfinite(a.float()).all() and norm_err(a, b) < 1e-4, name
+
+
+@needs_cuda("CUDA graphs (torch.compile mode='reduce-overhead')")
+def test_reduce_overhead_compile_matches_eager_with_a_smaller_batch_and_evaluation(
+        exact_float32, monkeypatch):
+    data = schedule_data()
+    chunked(monkeypatch, data[0][0])
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager_model = DenseNet(efficient=True, **SMALL).to(DEVICE)
+    compiled_model = copy.deepcopy(eager_model)
+    compiled = torch.compile(compiled_model, fullgraph=True, mode="reduce-overhead")
+    results = []
+    for model, forward in ((eager_model, eager_model), (compiled_model, compiled)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        outputs = []
+        for x, y, training in data:
+            torch.compiler.cudagraph_mark_step_begin()
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                logits = forward(x)
+            if training:  # PyTorch's recipe for training under reduce-overhead
+                loss = F.cross_entropy(logits, y)
+                outputs.append(loss.detach().clone())
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                outputs.append(logits.sum().clone())
+            del logits
+            garbage = scribble()
+            del garbage
+        results.append(torch.stack(outputs))
+    eager_out, compiled_out = results
+    assert torch.isfinite(compiled_out).all(), compiled_out
+    assert norm_err(compiled_out, eager_out) < 1e-4, (compiled_out, eager_out)
+    for (name, a), b in zip(compiled_model.state_dict().items(),
+                            eager_model.state_dict().values(), strict=True):
+        assert norm_err(a, b) < 1e-4, name

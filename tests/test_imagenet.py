@@ -119,7 +119,7 @@ def test_arch_fills_the_configuration_and_the_stem_follows_the_image_size():
 @pytest.mark.parametrize("overrides, message", [
     (dict(arch="densenet121", depth=40), "--arch densenet121 fixes the architecture: leave out "
                                           "--depth (flags of the depth family)"),
-    (dict(arch="densenet161", growth_rate=12, bc=True, compression=0.5),
+    (dict(arch="densenet161", growth_rate=12, bc=False, compression=0.7),
      "leave out --growth_rate, --bc, --compression"),
     (dict(arch="densenet264"), "--arch must be one of densenet121, densenet161, densenet169, "
                                "densenet201"),
@@ -386,3 +386,9 @@ def test_benchmarks_memory_table_holds_the_planners_largest_batches():
     assert row.split(" | ")[3:5] == ["949.0", "237.25"]
     assert row.rstrip(" |").split(" | ")[-4:] == expected
     assert sum("not run" in line for line in lines) == 4 * len(configs) - 1
+
+
+def test_a_named_arch_accepts_the_values_it_implies():
+    """A resumed run's stored settings repeat what --arch implied: they are not a conflict."""
+    config = resolve(arch="densenet121", depth=121, growth_rate=32, bc=True, compression=0.5)
+    assert (config["arch"], config["depth"], config["growth_rate"]) == ("densenet121", 121, 32)

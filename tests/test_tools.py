@@ -104,7 +104,10 @@ def test_compile_fullgraph_channels_last_autocast_computes_what_eager_does():
         ref = step(twin, x)
     assert out[0].dtype == torch.bfloat16
     # The operators take the compute dtype as an argument: compiled computes what eager does.
-    assert_steps_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out[:3], ref[:3], rtol=0, atol=0)
+    # The running statistics' update is plain torch code that the compiler may decompose:
+    # torch 2.11's differs from eager by one float32 rounding in one running_var.
+    torch.testing.assert_close(out[3], ref[3], rtol=2.5e-7, atol=0)
 
 
 def test_compile_inductor_train_eval_saved_bytes_and_operator_count():
