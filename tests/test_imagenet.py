@@ -331,7 +331,7 @@ def test_pretrained_densenet121_trains_at_64_px_and_resumes_without_the_weights(
     result = run_demo([*args, "--resume", "True"],
                       env={**ENV, **OFFLINE, "TORCH_HOME": str(empty)})
     assert_ok(result)
-    assert "the run already trained its 2 epochs" in result.stdout
+    assert "already trained its 2 epochs; nothing was changed" in result.stdout
     assert "weights" not in result.stdout and not empty.exists()
 
 
