@@ -216,6 +216,34 @@ def test_fewer_gpus_on_resume_restore_what_fits_and_say_so():
     assert cuda_states_to_restore([], visible=2) == ([], None)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_checkpoint_of_more_gpus_than_visible_restores_those_that_fit():
+    from training.checkpoint import restore
+    from training.devices import Devices
+    devices = Devices()
+    model = torch.nn.Linear(2, 2).to(devices.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    generator = torch.Generator()
+    visible = torch.cuda.device_count()
+    states = []
+    for seed in range(visible + 1):  # one GPU more than there is
+        torch.cuda.manual_seed_all(seed)
+        states.append(torch.cuda.get_rng_state(0))
+    torch.cuda.manual_seed_all(99)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                  "rng": {"torch": torch.get_rng_state(), "cuda": states,
+                          "data": generator.get_state()}, "position": None}
+    sums, notes = restore(checkpoint, model, optimizer, scheduler, scaler, generator, devices)
+    assert sums == {} and len(notes) == 1
+    assert f"{visible + 1} GPUs and {visible} are visible: restored {visible}" in notes[0]
+    for index in range(visible):
+        assert torch.equal(torch.cuda.get_rng_state(index), states[index])
+
+
 def test_another_number_of_processes_keeps_the_epochs_sums():
     ranks = [{"torch": torch.tensor([r], dtype=torch.uint8), "cuda": []} for r in range(2)]
     position = {"step": 3, "loss_sum": torch.tensor(1.0), "wrong": torch.tensor(4), "count": 8,
@@ -239,8 +267,10 @@ def ddp_reference(tmp_path_factory):
     """An uninterrupted 2-process torchrun run with dropout, shared by the tests below."""
     folder = tmp_path_factory.mktemp("ddp")
     save = folder / "reference"
+    started = time.monotonic()
     process = torchrun(tiny_args(save, **DDP_ARGS), folder / "reference.txt")
     assert process.wait(timeout=300) == 0, (folder / "reference.txt").read_text()
+    (folder / "seconds.txt").write_text(f"{time.monotonic() - started:.1f}")
     return save
 
 
@@ -344,3 +374,47 @@ def test_a_background_checkpoint_copies_every_state_and_training_cannot_change_i
     assert saved_bytes(copied) == expected
     train_step()  # in place: parameters, statistics, momentum, the scheduler's counters
     assert saved_bytes(copied) == expected
+
+
+# ---------------------------------------------------------------------------- 10 random kills
+
+@pytest.mark.restarts
+@pytest.mark.parametrize("repetition", range(10))
+def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp_path,
+                                                              repetition):
+    """pytest -m restarts: a random worker killed at a random moment of the run (set-up,
+    training, evaluation, checkpoint writes, the end); the job ends as the uninterrupted one.
+    With DENSENET_RESTARTS_REPORT=path each repetition appends a JSON line to path."""
+    rng = random.Random(1000 + repetition)
+    seconds = float((ddp_reference.parent / "seconds.txt").read_text())  # the whole job's
+    save = tmp_path / "run"
+    output = tmp_path / "out.txt"
+    started = time.monotonic()
+    process = torchrun(tiny_args(save, resume="auto", **DDP_ARGS), output, max_restarts=2)
+    try:
+        moment = rng.uniform(0.0, 0.8 * seconds)
+        time.sleep(moment)
+        wait_for(lambda: workers(process), process, timeout=120, what="a worker", output=output)
+        held = steps_done(save, DDP_STEPS)
+        killed = kill_worker(process, rng=rng)
+        killed_after = time.monotonic() - started
+        status = process.wait(timeout=600)
+    finally:
+        process.kill()
+        process.wait()
+    text = output.read_text()
+    record = {"repetition": repetition, "killed_after_s": round(killed_after, 1),
+              "rank": killed, "checkpoint_steps_then": held, "exit": status,
+              "seconds": round(time.monotonic() - started, 1),
+              "restarts": text.count("(resuming after") + text.count("(new run)") - 1}
+    try:
+        assert status == 0, text[-5000:]
+        assert_no_traceback(text)
+        assert [row["epoch"] for row in read_rows(save)] == ["1", "2"]
+        assert_same_run(save, ddp_reference)
+        record["bitwise_equal"] = True
+    finally:
+        report = os.environ.get("DENSENET_RESTARTS_REPORT")
+        if report:
+            with open(report, "a") as file:
+                file.write(json.dumps(record) + "\n")

@@ -135,7 +135,8 @@ class Run:
                            "data_parallel": self.devices.data_parallel,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
             self.folder.start({**self.config, "environment": environment}, self.rows)
-            # (A stop inside the next epoch found model_best.pt written: its model is not it.)
+            # Only at an epoch's end is the model the best one; a checkpoint inside the next
+            # epoch was written after model_best.pt.
             if self.best_epoch and self.best_epoch == self.epoch and self.position is None:
                 self.folder.save_best(self.raw_model, self.best_epoch, self.best_error,
                                       self.config)
@@ -249,14 +250,14 @@ def stop_here(run, epoch, position):
         name, status = run.stop.name, run.stop.exit_status
     else:  # under torchrun, another process received it
         name, status = "a signal to another process", Stopped.DEFAULT_STATUS
-    where = f"epoch {epoch} at step {position['step']}" if position else f"before epoch {epoch}"
+    where = f"in epoch {epoch} at step {position['step']}" if position else f"before epoch {epoch}"
     ranks = gather(rank_state(run, position)) if position is not None else None
     if run.devices.is_main:
         if position is not None:
             run.writer.write(checkpoint_state(run, position, ranks))
         again = ("the same command line (--resume auto)" if run.config["resume"] == "auto"
                  else "--resume True")
-        run.log.print(f"stopped by {name} in {where}: checkpoint.pt saved; continue with "
+        run.log.print(f"stopped by {name} {where}: checkpoint.pt saved; continue with "
                       f"{again} (exit status {status})")
     raise Stopped(f"stopped by {name}", status)
 
