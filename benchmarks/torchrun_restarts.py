@@ -1,6 +1,7 @@
 """Which torchrun launch restarts reliably: a minimal gloo job (no project code) restarted twice.
 
     python -m benchmarks.torchrun_restarts [--tries 3] [--limit 150]
+    python -m benchmarks.torchrun_restarts --issue OLD_CHECKOUT   # issue 17's command line
 
 The job replays what issue 17 reported: in the first attempt one of 2 workers is killed with
 SIGKILL while the other is in all_reduce; in the second both exit with status 2 right after
@@ -9,6 +10,11 @@ runs --tries times with --max_restarts 3; a try that has not ended after --limit
 counted as hung and killed. init_process_group has torch's default timeout (30 minutes for
 gloo), as demo.py had. Writes results/torchrun-restarts.md (or --out), to which
 `pytest -m restarts` adds the repetitions of demo.py itself.
+
+--issue runs issue 17's command line instead (demo.py on the CIFAR-10 subset, 2 processes,
+--max_restarts 2, one worker killed with SIGKILL in epoch 2): with the demo.py of OLD_CHECKOUT
+under --standalone, as reported, and with this one under --standalone and under the launch
+README recommends, both with --resume auto; prints one line per case.
 """
 
 import argparse
@@ -85,20 +91,90 @@ def one_try(launch, fresh_store, worker, limit):
     failed_set_ups = len(re.findall(r"connectFullMesh failed", text))
     if status is None:
         outcome = "hung (killed)"
-    elif status == 0 and "attempt 2 rank 0: done" in text and "attempt 2 rank 1: done" in text:
-        outcome = "finished"
+    elif status == 0:
+        outcome = "finished" if set_up == [0, 1, 2] else "finished after failed set-ups"
     else:
         outcome = f"failed (exit {status})"
     return outcome, set_up, failed_set_ups, seconds
 
 
+def issue_case(demo, launch, fresh_store, resume, limit):
+    """Issue 17's job with `demo` (a demo.py), one worker killed in epoch 2: one line."""
+    data = os.path.join(ROOT, "..", "shared", "cifar10-subset")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if fresh_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    with tempfile.TemporaryDirectory() as folder:
+        save = os.path.join(folder, "run")
+        command = [sys.executable, "-m", "torch.distributed.run", *LAUNCHES[launch](free_port()),
+                   "--nproc_per_node=2", "--max_restarts=2", demo, "--data", data, "--save",
+                   save, "--depth", "16", "--growth_rate", "6", "--n_epochs", "3",
+                   "--valid_size", "0", "--seed", "1", "--log_every", "0", *resume]
+        started = time.monotonic()
+        with open(os.path.join(folder, "out.txt"), "w+") as output:
+            process = subprocess.Popen(command, env=env, cwd=os.path.dirname(demo),
+                                       stdout=output, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            killed = None
+            while process.poll() is None and time.monotonic() - started < limit:
+                output.seek(0)
+                if killed is None and re.search(r"^epoch 2/3 step", output.read(), re.MULTILINE):
+                    killed = kill_a_worker(process.pid)
+                time.sleep(0.2)
+            status = process.poll()
+            if status is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            output.seek(0)
+            text = output.read()
+        rows = 0
+        if os.path.exists(os.path.join(save, "results.csv")):
+            with open(os.path.join(save, "results.csv")) as file:
+                rows = len(file.read().splitlines()) - 1
+    outcome = "hung (killed)" if status is None else f"exit {status}"
+    refused = "refused (already holds a run)" if "already holds a run" in text else ""
+    return (f"{outcome} after {time.monotonic() - started:.0f} s; {rows} CSV rows; restarts "
+            f"set up: {text.count('run      ') - 1}; {refused}")
+
+
+def kill_a_worker(launcher):
+    """SIGKILL torchrun's child of global rank 1; its pid."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as file:
+                environ = file.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher and b"RANK=1" in environ:
+            os.kill(int(entry), signal.SIGKILL)
+            return int(entry)
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--issue", help="a checkout of demo.py before issue 17's changes")
     parser.add_argument("--tries", type=int, default=3)
     parser.add_argument("--limit", type=float, default=150.0, help="seconds per try")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "torchrun-restarts.md"))
     options = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M")
+    if options.issue:
+        new = os.path.join(ROOT, "demo.py")
+        old = os.path.join(os.path.abspath(options.issue), "demo.py")
+        for name, demo, launch, fresh, resume in [
+                ("before (old demo.py, --standalone)", old, "--standalone", False, []),
+                ("new demo.py, --standalone", new, "--standalone", False, ["--resume", "auto"]),
+                ("new demo.py, README's launch", new, "c10d at 127.0.0.1", True,
+                 ["--resume", "auto"])]:
+            print(f"{name}: {issue_case(demo, launch, fresh, resume, options.limit)}",
+                  flush=True)
+        return
     rows = []
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
         file.write(WORKER)

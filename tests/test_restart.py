@@ -382,9 +382,10 @@ def test_a_background_checkpoint_copies_every_state_and_training_cannot_change_i
 @pytest.mark.parametrize("repetition", range(10))
 def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp_path,
                                                               repetition):
-    """pytest -m restarts: a random worker killed at a random moment of the run (set-up,
-    training, evaluation, checkpoint writes, the end); the job ends as the uninterrupted one.
-    With DENSENET_RESTARTS_REPORT=path each repetition appends a JSON line to path."""
+    """pytest -m restarts: a random worker killed at a random moment of the run: repetition i
+    kills in the i-th tenth of the uninterrupted job's time (set-up, training, evaluation,
+    checkpoint writes, the end); the job ends as the uninterrupted one did. With
+    DENSENET_RESTARTS_REPORT=path each repetition appends a JSON line to path."""
     rng = random.Random(1000 + repetition)
     seconds = float((ddp_reference.parent / "seconds.txt").read_text())  # the whole job's
     save = tmp_path / "run"
@@ -392,10 +393,10 @@ def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp
     started = time.monotonic()
     process = torchrun(tiny_args(save, resume="auto", **DDP_ARGS), output, max_restarts=2)
     try:
-        moment = rng.uniform(0.0, 0.8 * seconds)
-        time.sleep(moment)
+        time.sleep((repetition + rng.random()) / 10 * 0.95 * seconds)
         wait_for(lambda: workers(process), process, timeout=120, what="a worker", output=output)
         held = steps_done(save, DDP_STEPS)
+        lines = output.read_text().splitlines()
         killed = kill_worker(process, rng=rng)
         killed_after = time.monotonic() - started
         status = process.wait(timeout=600)
@@ -404,7 +405,8 @@ def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp
         process.wait()
     text = output.read_text()
     record = {"repetition": repetition, "killed_after_s": round(killed_after, 1),
-              "rank": killed, "checkpoint_steps_then": held, "exit": status,
+              "of_s": round(seconds, 1), "rank": killed, "checkpoint_steps_then": held,
+              "last_line_then": lines[-1][:70] if lines else "", "exit": status,
               "seconds": round(time.monotonic() - started, 1),
               "restarts": text.count("(resuming after") + text.count("(new run)") - 1}
     try:
