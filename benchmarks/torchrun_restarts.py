@@ -112,30 +112,39 @@ def issue_case(demo, launch, fresh_store, resume, limit):
                    save, "--depth", "16", "--growth_rate", "6", "--n_epochs", "3",
                    "--valid_size", "0", "--seed", "1", "--log_every", "0", *resume]
         started = time.monotonic()
-        with open(os.path.join(folder, "out.txt"), "w+") as output:
+        path = os.path.join(folder, "out.txt")
+        with open(path, "w") as output:  # the processes share its offset: read it elsewhere
             process = subprocess.Popen(command, env=env, cwd=os.path.dirname(demo),
                                        stdout=output, stderr=subprocess.STDOUT,
                                        start_new_session=True)
-            killed = None
-            while process.poll() is None and time.monotonic() - started < limit:
-                output.seek(0)
-                if killed is None and re.search(r"^epoch 2/3 step", output.read(), re.MULTILINE):
-                    killed = kill_a_worker(process.pid)
-                time.sleep(0.2)
-            status = process.poll()
-            if status is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            output.seek(0)
-            text = output.read()
+        killed = None
+        while process.poll() is None and time.monotonic() - started < limit:
+            if killed is None and re.search(r"^epoch 2/3 step", read(path), re.MULTILINE):
+                killed = kill_a_worker(process.pid)
+            time.sleep(0.2)
+        status = process.poll()
+        if status is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        text = read(path)
         rows = 0
         if os.path.exists(os.path.join(save, "results.csv")):
             with open(os.path.join(save, "results.csv")) as file:
                 rows = len(file.read().splitlines()) - 1
     outcome = "hung (killed)" if status is None else f"exit {status}"
-    refused = "refused (already holds a run)" if "already holds a run" in text else ""
-    return (f"{outcome} after {time.monotonic() - started:.0f} s; {rows} CSV rows; restarts "
-            f"set up: {text.count('run      ') - 1}; {refused}")
+    starts = len(re.findall(r"^run {6}\S+ \(", text, re.MULTILINE))
+    refusals = text.count("already holds a run")
+    lost = len(re.findall(r"^error: rank \d lost contact", text, re.MULTILINE))
+    tracebacks = text.count("Traceback")
+    return (f"{outcome} after {time.monotonic() - started:.0f} s; {rows} CSV rows; worker killed "
+            f"{'yes' if killed else 'no'}; starts that set up: {starts}; refusals ('already "
+            f"holds a run'): {refusals}; one-line lost-contact errors: {lost}; tracebacks: "
+            f"{tracebacks}")
+
+
+def read(path):
+    with open(path, errors="replace") as file:
+        return file.read()
 
 
 def kill_a_worker(launcher):

@@ -31,7 +31,7 @@ from test_demo import (
     tiny_args,
     without_timing,
 )
-from test_run_control import start, wait_for
+from test_run_control import progress_steps, start, wait_for
 
 from training.checkpoint import copy_state, cuda_states_to_restore, rank_record
 from training.devices import rank_seed
@@ -267,10 +267,8 @@ def ddp_reference(tmp_path_factory):
     """An uninterrupted 2-process torchrun run with dropout, shared by the tests below."""
     folder = tmp_path_factory.mktemp("ddp")
     save = folder / "reference"
-    started = time.monotonic()
     process = torchrun(tiny_args(save, **DDP_ARGS), folder / "reference.txt")
     assert process.wait(timeout=300) == 0, (folder / "reference.txt").read_text()
-    (folder / "seconds.txt").write_text(f"{time.monotonic() - started:.1f}")
     return save
 
 
@@ -382,19 +380,32 @@ def test_a_background_checkpoint_copies_every_state_and_training_cannot_change_i
 @pytest.mark.parametrize("repetition", range(10))
 def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp_path,
                                                               repetition):
-    """pytest -m restarts: a random worker killed at a random moment of the run: repetition i
-    kills in the i-th tenth of the uninterrupted job's time (set-up, training, evaluation,
-    checkpoint writes, the end); the job ends as the uninterrupted one did. With
-    DENSENET_RESTARTS_REPORT=path each repetition appends a JSON line to path."""
+    """pytest -m restarts: a random worker killed with SIGKILL at a random moment: repetition 0
+    while the workers start, 1 once rank 0 has set up (data, model), 9 after the last step
+    (evaluation, checkpoints, summary, the end), the others at a random training step; each
+    after a random fraction of a second more. The job must end as the uninterrupted one did.
+    With DENSENET_RESTARTS_REPORT=path each repetition appends a JSON line to path."""
     rng = random.Random(1000 + repetition)
-    seconds = float((ddp_reference.parent / "seconds.txt").read_text())  # the whole job's
+    total = DDP_ARGS["n_epochs"] * DDP_STEPS
     save = tmp_path / "run"
     output = tmp_path / "out.txt"
+    if repetition == 0:
+        moment, reached = "start-up", lambda: True
+    elif repetition == 1:
+        moment, reached = "set-up", lambda: "(new run)" in output.read_text()
+    elif repetition == 9:
+        moment = "after the last step"
+        reached = lambda: progress_steps(output.read_text(), DDP_STEPS) >= total  # noqa: E731
+    else:
+        target = rng.randint(1, total - 1)
+        moment = f"after step {target} of {total}"
+        reached = lambda: progress_steps(output.read_text(), DDP_STEPS) >= target  # noqa: E731
     started = time.monotonic()
     process = torchrun(tiny_args(save, resume="auto", **DDP_ARGS), output, max_restarts=2)
     try:
-        time.sleep((repetition + rng.random()) / 10 * 0.95 * seconds)
-        wait_for(lambda: workers(process), process, timeout=120, what="a worker", output=output)
+        wait_for(lambda: workers(process) and reached(), process, timeout=300, what=moment,
+                 output=output)
+        time.sleep(rng.uniform(0.0, 0.5))
         held = steps_done(save, DDP_STEPS)
         lines = output.read_text().splitlines()
         killed = kill_worker(process, rng=rng)
@@ -404,9 +415,9 @@ def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp
         process.kill()
         process.wait()
     text = output.read_text()
-    record = {"repetition": repetition, "killed_after_s": round(killed_after, 1),
-              "of_s": round(seconds, 1), "rank": killed, "checkpoint_steps_then": held,
-              "last_line_then": lines[-1][:70] if lines else "", "exit": status,
+    record = {"repetition": repetition, "moment": moment, "killed_after_s": round(killed_after, 1),
+              "rank": killed, "checkpoint_steps_then": held,
+              "last_line_then": lines[-1][:80] if lines else "", "exit": status,
               "seconds": round(time.monotonic() - started, 1),
               "restarts": text.count("(resuming after") + text.count("(new run)") - 1}
     try:

@@ -67,6 +67,6 @@ def test_a_run_longer_than_its_time_limit_is_requeued_resumed_and_completed(tmp_
     starts = re.findall(r"^\S+ \S+ job \d+ start (\d+) on", text, re.MULTILINE)
     assert len(starts) >= 2 and text.count("time limit near: stopping with a checkpoint") >= 1
     assert "requeued" in text and text.rstrip().endswith("the run is complete"), text[-3000:]
-    assert re.search(r"^stopped by SIGTERM ", text, re.MULTILINE), text[-3000:]
+    assert re.search(r"^stopped by SIGUSR1 ", text, re.MULTILINE), text[-3000:]
     assert [row["epoch"] for row in read_rows(save)] == [str(e + 1) for e in range(16)]
     assert_same_run(save, reference)
