@@ -81,8 +81,7 @@ def one_try(launch, fresh_store, worker, limit):
         try:
             status = process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            end(process)
             status = None
         output.seek(0)
         text = output.read()
@@ -124,8 +123,7 @@ def issue_case(demo, launch, fresh_store, resume, limit):
             time.sleep(0.2)
         status = process.poll()
         if status is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            end(process)
         text = read(path)
         rows = 0
         if os.path.exists(os.path.join(save, "results.csv")):
@@ -140,6 +138,17 @@ def issue_case(demo, launch, fresh_store, resume, limit):
             f"{'yes' if killed else 'no'}; starts that set up: {starts}; refusals ('already "
             f"holds a run'): {refusals}; one-line lost-contact errors: {lost}; tracebacks: "
             f"{tracebacks}")
+
+
+def end(launcher):
+    """End a torchrun and its workers: they run in sessions of their own, which a SIGKILL of
+    torchrun would orphan; SIGTERM lets torchrun end them (SIGKILL after a minute)."""
+    launcher.terminate()
+    try:
+        launcher.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
 
 
 def read(path):

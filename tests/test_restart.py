@@ -59,6 +59,18 @@ def torchrun(args, output, **launch):
                                 stdout=file, stderr=subprocess.STDOUT)
 
 
+def end(launcher):
+    """End torchrun and its workers (each in its own session, which a SIGKILL of torchrun would
+    orphan): SIGTERM lets torchrun stop them; SIGKILL after a minute."""
+    if launcher.poll() is None:
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+    launcher.wait()
+
+
 def workers(launcher):
     """{pid: global rank} of the worker processes torchrun (process `launcher`) runs now."""
     found = {}
@@ -297,8 +309,7 @@ def test_torchrun_restarts_after_a_stop_and_a_sigkill_and_ends_bitwise_identical
         assert kill_worker(process, rank=0) == 0
         assert process.wait(timeout=300) == 0, output.read_text()[-5000:]
     finally:
-        process.kill()
-        process.wait()
+        end(process)
     text = output.read_text()
     assert_no_traceback(text)
     assert "stopped by a signal to another process in epoch 1" in text, text[-3000:]
@@ -323,8 +334,7 @@ def test_two_nodes_train_one_run_and_restart_after_a_worker_dies(ddp_reference, 
             assert node.wait(timeout=300) == 0, (tmp_path / f"node{n}.txt").read_text()[-5000:]
     finally:
         for node in nodes:
-            node.kill()
-            node.wait()
+            end(node)
     texts = [(tmp_path / f"node{n}.txt").read_text() for n in range(2)]
     for text in texts:
         assert_no_traceback(text)
@@ -412,8 +422,7 @@ def test_torchrun_restarts_after_a_sigkill_at_a_random_moment(ddp_reference, tmp
         killed_after = time.monotonic() - started
         status = process.wait(timeout=600)
     finally:
-        process.kill()
-        process.wait()
+        end(process)
     text = output.read_text()
     record = {"repetition": repetition, "moment": moment, "killed_after_s": round(killed_after, 1),
               "rank": killed, "checkpoint_steps_then": held,
