@@ -4,6 +4,7 @@
     CUDA_VISIBLE_DEVICES=0,1 python demo.py ...       # DataParallel over the visible GPUs
     torchrun --nproc_per_node=4 demo.py ...           # DistributedDataParallel, one process per GPU
     python demo.py --save DIR --resume True           # continue a run, with its own settings
+    python demo.py --save DIR --resume auto ...       # continue it if there is one, else start
     python demo.py --save DIR --evaluate True         # test error of a saved model
     python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
     python demo.py --arch densenet121 --pretrained True --image_size 64 ...  # torchvision's
@@ -20,8 +21,7 @@ from training.errors import UsageError, one_line
 
 # Written True or False, or true/false, yes/no, 1/0 in any case (cli.py).
 BOOLEAN_ARGS = ("bc", "efficient", "recompute_bottleneck", "augment", "channels_last", "sync_bn",
-                "svhn_extra", "download", "resume", "evaluate", "deterministic", "compile",
-                "cuda_graph")
+                "svhn_extra", "download", "evaluate", "deterministic", "compile", "cuda_graph")
 AMP_MODES = ("off", "bf16", "fp16")
 GIVEN = None  # the flags on the command line (set below); None: every argument counts as given
 
@@ -33,7 +33,7 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
          milestones=None, gamma=0.1, seed=None, augment=True, amp="off", channels_last=False,
          sync_bn=False, svhn_extra=False, fake_size=(50000, 10000), download=True,
          resume=False, evaluate=False, deterministic=False, compile=False, cuda_graph=False,
-         log_every=30, plan=False, memory_budget=None, json=False):
+         log_every=30, checkpoint_every=10, plan=False, memory_budget=None, json=False):
     """Train a DenseNet (defaults: the paper's DenseNet-BC, L=100, k=12 on CIFAR-10).
 
     Uses CUDA when available (every visible GPU through DataParallel), else the CPU; under
@@ -44,7 +44,11 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
 
     SIGTERM, SIGINT or SIGUSR1 (a job scheduler's warning) stops the run after the current
     step: it writes checkpoint.pt with the position in the epoch and exits with 128 + the
-    signal's number (143 for SIGTERM); --resume True continues at the next step.
+    signal's number (143 for SIGTERM); --resume True continues at the next step. Every
+    --checkpoint_every minutes of training checkpoint.pt is written the same way (in the
+    background), so that a kill without a signal (SIGKILL, the OOM killer, a node failure) loses
+    at most that much work. For job scripts that start the same command line again (torchrun
+    --max-restarts, SLURM's requeue), --resume auto starts the run or continues it.
 
     Args:
         data: folder holding the dataset files (downloaded there if missing); not needed for fake.
@@ -93,11 +97,13 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
         svhn_extra: add SVHN's 531,131 extra images to its training set.
         fake_size: train,test numbers of images of the fake dataset.
         download: download missing dataset files.
-        resume: continue the run in --save from its checkpoint.pt, with the settings it
+        resume: True: continue the run in --save from its checkpoint.pt, with the settings it
             stored: a flag given must equal its stored value, except --n_epochs (to extend the
             run; the milestones stay as stored unless given) and those that change how, not
-            what, it computes (--data, --log_every, --compile, ...). A finished run is left
-            untouched.
+            what, it computes (--data, --log_every, --compile, ...); a finished run is left
+            untouched. False: start a new run (refused if --save holds one). auto: continue the
+            run in --save if it holds one (config.json, results.csv or checkpoint.pt), else
+            start it: one command line for every start of a job that restarts.
         evaluate: no training: evaluate --save's model_best.pt (else checkpoint.pt) on the test
             set, with the configuration it was trained with.
         deterministic: deterministic GPU kernels, so that a resumed run ends bitwise equal to
@@ -107,6 +113,9 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
             batch (one GPU; --amp off or bf16): removes the cost of launching kernels.
         log_every: seconds between progress lines when the output is not a terminal (a job's
             log file); 0 for a line after every step.
+        checkpoint_every: minutes of training between recovery checkpoints written inside an
+            epoch (only epochs longer than that get one; 0: only at epochs' ends and on stop
+            signals).
         plan: no training: print, for this model, batch, --amp and --channels_last, what each
             memory mode needs (saved for backward, parameters + gradients + momentum, peak of a
             training step) and what fits the GPU's free memory (on a CPU: the available memory)
@@ -123,6 +132,7 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
     import torch.distributed as dist
 
     from data import DataError
+    from training.devices import LostPeer
     from training.evaluation import evaluate_saved
     from training.loop import train
     from training.plan import check_fits, run_plan
@@ -145,6 +155,9 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
         sys.exit(2)
     except Stopped as stopped:
         sys.exit(stopped.exit_status)
+    except LostPeer as error:  # every process says it, not only rank 0
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(LostPeer.EXIT_STATUS)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -215,6 +228,10 @@ def resolve_args(args, given=None):
         if config[name] is None:
             raise UsageError(f"--{name} must be True or False (or true/false, yes/no, 1/0), "
                              f"got {args[name]!r}")
+    resume = config["resume"]
+    config["resume"] = "auto" if resume == "auto" else parse_boolean(resume)
+    if config["resume"] is None:
+        raise UsageError(f"--resume must be True, False or auto, got {resume!r}")
     config["save"] = _folder("save", config["save"])
     if config["resume"] and config["save"] is not None:
         config = resume_settings(config, given)
@@ -241,6 +258,8 @@ def resolve_args(args, given=None):
     _integer("valid_size", config["valid_size"], 0)
     config["log_every"] = _number("log_every", config["log_every"], lambda v: v >= 0,
                                   "a number of seconds >= 0")
+    config["checkpoint_every"] = _number("checkpoint_every", config["checkpoint_every"],
+                                         lambda v: v >= 0, "a number of minutes >= 0")
     _integer("n_epochs", config["n_epochs"], 1)
     _integer("batch_size", config["batch_size"], 1)
     config["lr"] = _number("lr", config["lr"], lambda v: v > 0, "a positive number")
@@ -265,7 +284,7 @@ def resolve_args(args, given=None):
     if config["svhn_extra"] and config["dataset"] != "svhn":
         raise UsageError("--svhn_extra True applies only to --dataset svhn")
     if config["resume"] and config["evaluate"]:
-        raise UsageError("choose one of --resume True and --evaluate True")
+        raise UsageError(f"choose one of --resume {config['resume']} and --evaluate True")
     world_size = world_size_from_env()
     if config["evaluate"] and is_distributed():
         raise UsageError("run --evaluate True without torchrun")
@@ -296,5 +315,6 @@ if __name__ == "__main__":
     with quiet_interrupt():
         import fire
 
-        argv, GIVEN = check_flags(main, sys.argv[1:], BOOLEAN_ARGS)
+        # --resume also takes auto; a word other than a boolean is left for resolve_args.
+        argv, GIVEN = check_flags(main, sys.argv[1:], BOOLEAN_ARGS + ("resume",))
         fire.Fire(main, argv)

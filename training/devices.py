@@ -1,10 +1,19 @@
 """Where this process runs: CPU, one or several GPUs (DataParallel), or a torchrun rank (DDP).
 
 On a CPU it also makes glibc keep freed memory for reuse (keep_freed_memory).
+
+Under torchrun, a dead or missing process must end the others, never leave them waiting: that
+is what lets torchrun restart the run. A dead peer breaks gloo's connections at once; setting up
+the process group waits at most INIT_TIMEOUT for every process, and a collective at most
+COLLECTIVE_TIMEOUT (rank 0 evaluates and writes checkpoints alone at each epoch's end while the
+others wait in the next collective, so that one is long). A process whose peer died ends with
+one line (LostPeer), not a traceback.
 """
 
 import ctypes
+import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -24,6 +33,40 @@ def is_distributed():
 def world_size_from_env():
     """Processes in this run: torchrun's WORLD_SIZE, else 1."""
     return int(os.environ["WORLD_SIZE"]) if is_distributed() else 1
+
+
+def _minutes_from_env(name, default):
+    value = os.environ.get(name)
+    try:
+        return datetime.timedelta(minutes=float(value)) if value else default
+    except ValueError:
+        raise UsageError(f"{name} must be a number of minutes, got {value!r}") from None
+
+
+INIT_TIMEOUT = datetime.timedelta(minutes=5)
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class LostPeer(Exception):
+    """Another process of the run died or stopped answering: this one ends (exit status 1)."""
+
+    EXIT_STATUS = 1
+
+
+def lost_peer(error):
+    """LostPeer for a communication failure (a gloo, nccl or store error) under torchrun, else
+    None."""
+    if not is_distributed():
+        return None
+    rank, text = os.environ["RANK"], str(error)
+    if not (isinstance(error, dist.DistError) or re.search(
+            r"gloo|nccl|connection (reset|closed|refused)|timed out|broken pipe", text, re.I)):
+        return None
+    # gloo: "[.../pair.cc:537] Read error [127.0.0.1]:123: Connection reset by peer. This is
+    # typically caused by ..." -> "Read error [127.0.0.1]:123: Connection reset by peer"
+    reason = one_line(re.sub(r"^\[[^\]]*\]\s*", "", text)).split(". ")[0][:200]
+    return LostPeer(f"rank {rank} lost contact with another process of the run ({reason}); "
+                    f"torchrun restarts all processes if --max-restarts allows")
 
 
 def make_deterministic():
@@ -86,7 +129,7 @@ class Devices:
             self.device = torch.device("cpu")
             keep_freed_memory()
         if self.distributed:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.data_parallel = not self.distributed and torch.cuda.device_count() > 1
 
     @property
@@ -123,6 +166,20 @@ class Devices:
             torch.cuda.synchronize(self.device)
 
 
+def init_process_group(backend):
+    """The process group of torchrun's environment, with timeouts (module docstring).
+
+    The store comes from the same env:// rendezvous init_process_group uses, created here so
+    that waiting for the other processes has its own, shorter, limit. Both limits can be set in
+    minutes by DENSENET_INIT_TIMEOUT and DENSENET_COLLECTIVE_TIMEOUT."""
+    init_timeout = _minutes_from_env("DENSENET_INIT_TIMEOUT", INIT_TIMEOUT)
+    collective_timeout = _minutes_from_env("DENSENET_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=init_timeout))
+    store.set_timeout(init_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=collective_timeout)
+
+
 def on_all_ranks(step):
     """Run step() here; if it failed with bad input on any process, raise that on every one."""
     try:
@@ -149,11 +206,32 @@ def broadcast(value):
 
 def any_rank(flag, device):
     """Whether flag is true on any process (a collective: every rank must call it)."""
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags, device):
+    """For each flag, whether it is true on any process: one collective for all of them."""
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([int(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
+def gather(value):
+    """Every process's value, in rank order (a collective: every rank must call it)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def rank_seed(seed, rank):
+    """The seed of torch's generators in process `rank`: distinct for every rank, so that ranks
+    draw different dropout masks; rank 0 keeps --seed itself. Below 2**32, since the CPU
+    generator keeps only a seed's low 32 bits; an odd step makes every rank's seed distinct."""
+    return (seed + rank * 0x9E3779B9) % 2**32
 
 
 def autocast(amp, device):

@@ -3,12 +3,16 @@
 A run can stop at any step (stop.py) and continue there: the checkpoint records the position
 inside the epoch, and the loader replays the epoch's draws from the generator state the epoch
 started with, so a stopped and resumed run ends bitwise identical to an uninterrupted one on a
-CPU (and on a GPU with --deterministic True).
+CPU (and on a GPU with --deterministic True). Every --checkpoint_every minutes of training a
+recovery checkpoint of the same kind is written in the background, so that a SIGKILL loses at
+most that much work; under torchrun the decision to write it travels in the one collective that
+each step already makes for stop requests, so that every process takes it at the same step.
 """
 
 import math
 import platform
 import secrets
+import sys
 import time
 
 import torch
@@ -18,8 +22,18 @@ import torch.nn as nn
 from data import DataError
 
 from .build import build_model, load_data, make_loaders, make_optimizer, make_scheduler, model_name
-from .checkpoint import restore, save_checkpoint
-from .devices import Devices, any_rank, broadcast, on_all_ranks, wrap
+from .checkpoint import SUMS, CheckpointWriter, checkpoint_state, process_rng, restore
+from .devices import (
+    Devices,
+    any_rank,
+    any_rank_each,
+    broadcast,
+    gather,
+    lost_peer,
+    on_all_ranks,
+    rank_seed,
+    wrap,
+)
 from .errors import UsageError, one_line
 from .evaluation import evaluate, summarize
 from .log import Log, Progress, plural
@@ -41,6 +55,8 @@ class Run:
         self.finished = False  # the run in --save had nothing left to do
         self.estimate = self.devices.device.type == "cpu"  # the first epoch's time, early
         self.config = config
+        self.writer = CheckpointWriter(self.folder.path("checkpoint.pt"))
+        self.last_checkpoint = time.monotonic()  # for --checkpoint_every
 
     def prepare(self):
         """Lock and check the run folder, then build data, model and states (or restore them)."""
@@ -70,7 +86,7 @@ class Run:
         log.print(f"device   {devices.describe()}")
         log.print(f"torch    {torch.__version__}, Python {platform.python_version()}")
 
-        torch.manual_seed(config["seed"])
+        torch.manual_seed(rank_seed(config["seed"], devices.rank))  # dropout
         self.generator = torch.Generator().manual_seed(config["seed"] + 1)  # order, augmentation
         dataset = load_data(config, devices)
         self.train_loader, self.valid_loader, self.test_loader = on_all_ranks(
@@ -88,12 +104,17 @@ class Run:
         self.scaler = torch.amp.GradScaler(devices.device.type, enabled=config["amp"] == "fp16")
         self.epoch, self.best_error, self.best_epoch, self.position = 0, math.inf, 0, None
         if checkpoint is not None:
-            on_all_ranks(lambda: restore(checkpoint, self.raw_model, self.optimizer,
-                                         self.scheduler, self.scaler, self.generator))
+            sums, notes = on_all_ranks(lambda: restore(
+                checkpoint, self.raw_model, self.optimizer, self.scheduler, self.scaler,
+                self.generator, devices))
+            for note in notes:
+                log.print(f"note     {note}")
             self.epoch = checkpoint["epoch"]
             self.best_error = checkpoint["best_valid_error"]
             self.best_epoch = checkpoint["best_epoch"]
-            self.position = position
+            if position:  # this process's own running sums of the stopped epoch
+                position = {key: value for key, value in position.items() if key != "ranks"}
+                self.position = {**position, **sums}
         self.rows = on_all_ranks(lambda: self.folder.kept_rows(self.epoch)
                                  if devices.is_main else None)
 
@@ -135,7 +156,9 @@ class Run:
                            "data_parallel": self.devices.data_parallel,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
             self.folder.start({**self.config, "environment": environment}, self.rows)
-            if self.best_epoch and self.best_epoch == self.epoch:
+            # Only at an epoch's end is the model the best one; a checkpoint inside the next
+            # epoch was written after model_best.pt.
+            if self.best_epoch and self.best_epoch == self.epoch and self.position is None:
                 self.folder.save_best(self.raw_model, self.best_epoch, self.best_error,
                                       self.config)
 
@@ -143,14 +166,25 @@ class Run:
         self.started = True
 
     def close(self):
+        try:
+            self.writer.wait()  # a recovery checkpoint still being written
+        except UsageError as error:
+            self.log.print(f"error: {one_line(error)}")
         self.log.close()
         if self.devices.is_main:
             self.folder.close(started=self.started)
 
 
 def train(config):
-    """Train (or continue) the run config describes; raise Stopped when a signal stops it."""
-    run = Run(config)
+    """Train (or continue) the run config describes; raise Stopped when a signal stops it, and
+    devices.LostPeer when another process of a torchrun run died."""
+    try:
+        run = Run(config)
+    except RuntimeError as error:  # setting up the process group failed
+        lost = lost_peer(error)
+        if lost is None:
+            raise
+        raise lost from None
     try:
         run.prepare()
         if run.finished:
@@ -160,6 +194,12 @@ def train(config):
     except (UsageError, DataError) as error:
         run.log.print(f"error: {one_line(error)}", echo=False)
         raise
+    except RuntimeError as error:
+        lost = lost_peer(error)
+        if lost is None:
+            raise
+        run.log.print(f"error: {lost}", echo=False)
+        raise lost from None
     finally:
         run.close()
 
@@ -187,9 +227,11 @@ def fit(run):
                              f"stopped ({kept}); try a smaller --lr")
         run.scheduler.step()
         run.epoch = epoch
+        ranks = gather(process_rng(devices))
         if devices.is_main:
             finish_epoch(run, epoch, title, lr, train_loss, train_error, images, seconds,
-                         started_epoch)
+                         started_epoch, ranks)
+        run.last_checkpoint = time.monotonic()
         if epoch < config["n_epochs"] and any_rank(run.stop.requested, devices.device):
             stop_here(run, epoch + 1, None)  # the epoch's checkpoint is the stop's
     if devices.is_main:
@@ -198,8 +240,10 @@ def fit(run):
         dist.barrier()
 
 
-def finish_epoch(run, epoch, title, lr, train_loss, train_error, images, seconds, started):
-    """Validation and test error, the CSV row, the checkpoint and the epoch's line (rank 0)."""
+def finish_epoch(run, epoch, title, lr, train_loss, train_error, images, seconds, started,
+                 ranks):
+    """Validation and test error, the CSV row, the checkpoint and the epoch's line (rank 0);
+    ranks: every process's random generator states."""
     config, device = run.config, run.devices.device
     valid_loss = valid_error = None
     if run.valid_loader is not None:
@@ -213,7 +257,7 @@ def finish_epoch(run, epoch, title, lr, train_loss, train_error, images, seconds
         epoch, fmt(train_loss), fmt(train_error), fmt(valid_loss), fmt(valid_error),
         fmt(test_error), fmt(test_loss), fmt(lr), f"{epoch_seconds:.3f}",
         f"{images / seconds:.1f}", run.devices.peak_memory_mb()])
-    save_checkpoint(run.folder.path("checkpoint.pt"), run)
+    run.writer.write(checkpoint_state(run, None, ranks))
     if improved:
         run.folder.save_best(run.raw_model, epoch, valid_error, config)
     valid = "" if valid_error is None else \
@@ -229,13 +273,32 @@ def stop_here(run, epoch, position):
         name, status = run.stop.name, run.stop.exit_status
     else:  # under torchrun, another process received it
         name, status = "a signal to another process", Stopped.DEFAULT_STATUS
-    where = f"epoch {epoch} at step {position['step']}" if position else f"before epoch {epoch}"
+    where = f"in epoch {epoch} at step {position['step']}" if position else f"before epoch {epoch}"
+    ranks = gather(rank_state(run, position)) if position is not None else None
     if run.devices.is_main:
         if position is not None:
-            save_checkpoint(run.folder.path("checkpoint.pt"), run, position)
-        run.log.print(f"stopped by {name} in {where}: checkpoint.pt saved; continue with "
-                      f"--resume True (exit status {status})")
+            run.writer.write(checkpoint_state(run, position, ranks))
+        again = ("the same command line (--resume auto)" if run.config["resume"] == "auto"
+                 else "--resume True")
+        run.log.print(f"stopped by {name} {where}: checkpoint.pt saved; continue with "
+                      f"{again} (exit status {status})")
     raise Stopped(f"stopped by {name}", status)
+
+
+def rank_state(run, position):
+    """This process's random generators and, inside an epoch, its running sums (for rank 0)."""
+    return {**process_rng(run.devices), **{key: position[key] for key in SUMS}}
+
+
+def recovery_checkpoint(run, position, title, total):
+    """Write a recovery checkpoint at position (every rank calls this; rank 0 writes it)."""
+    ranks = gather(rank_state(run, position))
+    if run.devices.is_main:
+        run.writer.write(checkpoint_state(run, position, ranks), background=True)
+        minutes = run.config["checkpoint_every"]
+        run.log.print(f"{title} step {position['step']}/{total}: writing a recovery checkpoint "
+                      f"(every {minutes:g} min)", echo=not sys.stderr.isatty())
+    run.last_checkpoint = time.monotonic()
 
 
 def train_epoch(run, title, position, epochs_after):
@@ -260,13 +323,20 @@ def train_epoch(run, title, position, epochs_after):
                         epochs_after, estimate=run.estimate)
     run.estimate = False
     start = time.perf_counter()
+    every = config["checkpoint_every"] * 60
     try:
         for inputs, targets in batches:
-            if any_rank(run.stop.requested, device):
+            due = every > 0 and step > position["step"] \
+                and time.monotonic() - run.last_checkpoint >= every
+            stop, due = any_rank_each([run.stop.requested, due], device)
+            if stop or due:
                 devices.synchronize()
-                return {**position, "step": step, "count": count, "loss_sum": loss_sum.cpu(),
+                here = {**position, "step": step, "count": count, "loss_sum": loss_sum.cpu(),
                         "wrong": wrong.cpu(),
                         "seconds": position["seconds"] + time.perf_counter() - start}
+                if stop:
+                    return here
+                recovery_checkpoint(run, here, title, len(run.train_loader))
             if config["channels_last"]:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             loss, logits = run.step(inputs, targets)

@@ -26,7 +26,7 @@ CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error"
 RUN_FILES = ("config.json", "results.csv", "checkpoint.pt")
 # Arguments that may change on --resume: they change how fast, not what, the run computes.
 FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every",
-                  "deterministic", "compile", "cuda_graph"}
+                  "deterministic", "compile", "cuda_graph", "checkpoint_every"}
 # Arguments a resumed run never takes from the run's stored configuration.
 NOT_REMEMBERED = {"save", "resume", "evaluate"}
 
@@ -122,6 +122,8 @@ class RunFolder:
         UsageError if the folder's run does not fit config."""
         save = self.save
         present = [name for name in RUN_FILES if os.path.exists(self.path(name))]
+        if config["resume"] == "auto" and not present:  # nothing to continue: a new run
+            return None, config
         if not config["resume"]:
             if present:
                 raise UsageError(f"{save} already holds a run ({', '.join(present)}); continue "
