@@ -196,7 +196,7 @@ def test_resume_takes_true_false_or_auto():
     from test_demo import resolve
     assert resolve(resume="auto")["resume"] == "auto"
     assert resolve(resume=True)["resume"] is True
-    for value in ("maybe", 1, None):
+    for value in ("maybe", 2, None):  # 1 and "yes" are spellings of True
         with pytest.raises(UsageError, match="--resume must be True, False or auto"):
             resolve(resume=value)
     with pytest.raises(UsageError, match="--resume auto and --evaluate True"):
