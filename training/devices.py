@@ -26,6 +26,16 @@ def world_size_from_env():
     return int(os.environ["WORLD_SIZE"]) if is_distributed() else 1
 
 
+def default_workers():
+    """Image-decoding processes per training process: the CPU cores this process may use,
+    shared among torchrun's processes on this machine, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def make_deterministic():
     """Bitwise repeatable GPU runs: deterministic kernels only (somewhat slower).
 

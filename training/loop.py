@@ -17,7 +17,15 @@ import torch.nn as nn
 
 from data import DataError
 
-from .build import build_model, load_data, make_loaders, make_optimizer, make_scheduler, model_name
+from .build import (
+    build_model,
+    data_notes,
+    load_data,
+    make_loaders,
+    make_optimizer,
+    make_scheduler,
+    model_name,
+)
 from .checkpoint import restore, save_checkpoint
 from .devices import Devices, any_rank, broadcast, on_all_ranks, wrap
 from .errors import UsageError, one_line
@@ -63,9 +71,9 @@ class Run:
 
         torch.manual_seed(config["seed"])
         self.generator = torch.Generator().manual_seed(config["seed"] + 1)  # order, augmentation
-        dataset = load_data(config, devices)
+        dataset = load_data(config, devices, log)
         self.train_loader, self.valid_loader, self.test_loader = on_all_ranks(
-            lambda: make_loaders(config, dataset, devices, self.generator))
+            lambda: make_loaders(config, dataset, devices, self.generator, log))
         self.raw_model = build_model(config, dataset.num_classes)
         if config["sync_bn"]:
             self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
@@ -89,9 +97,11 @@ class Run:
         log.print(f"model    {model_name(config)}: {parameters:,} parameters, amp "
                   f"{config['amp']}, channels_last {config['channels_last']}")
         valid = len(self.valid_loader.images) if self.valid_loader else 0
-        log.print(f"data     {dataset.name}: {len(dataset.train_images) - valid:,} training, "
-                  f"{valid:,} validation, {len(dataset.test_images):,} test images; batch "
+        log.print(f"data     {dataset.name}: {len(self.train_loader.images):,} training, "
+                  f"{valid:,} validation, {len(self.test_loader.images):,} test images; batch "
                   f"{config['batch_size']}, {len(self.train_loader)} steps per epoch")
+        for line in data_notes(config, dataset):
+            log.print(line)
         milestones = ", ".join(map(str, config["milestones"])) or "none"
         log.print(f"schedule {config['n_epochs']} epochs, SGD lr {config['lr']:g} "
                   f"(x{config['gamma']:g} after epochs {milestones}), seed {config['seed']}")

@@ -25,7 +25,8 @@ CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error"
 RUN_FILES = ("config.json", "results.csv", "checkpoint.pt")
 # Arguments that may change on --resume: they change how fast, not what, the run computes.
 FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every",
-                  "deterministic", "compile", "cuda_graph"}
+                  "deterministic", "compile", "cuda_graph", "workers", "skip_bad_images",
+                  "predict"}
 
 
 def check_save_folder(save):
