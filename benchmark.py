@@ -7,6 +7,7 @@
     python benchmark.py --check_model True    # the memory model against CPU measurements
     python benchmark.py --tools True          # torch.compile, operator counts, accuracy (CPU)
     python benchmark.py --allocator True      # CPU steps: glibc's default vs freed memory kept
+    python benchmark.py --loader True         # folder loader vs decoding alone and torchvision
 
 The measurements live in benchmarks/; this face checks the flags and picks one.
 """
@@ -18,7 +19,7 @@ import torch
 
 from benchmarks import acceptance as gpu_acceptance
 from benchmarks import allocator as allocator_figures
-from benchmarks import compare, cpu_search, model_check
+from benchmarks import compare, cpu_search, folder_loader, model_check
 from benchmarks import tools as tool_figures
 
 PROFILES = tuple(compare.PROFILES)
@@ -26,7 +27,8 @@ PROFILES = tuple(compare.PROFILES)
 
 def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_depth=None,
          cpu_max_gb=8.0, search=None, search_budget=None, memory_budget=None,
-         check_model=False, tools=False, allocator=False, acceptance=False, profile=None):
+         check_model=False, tools=False, allocator=False, acceptance=False, profile=None,
+         loader=False):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Args:
@@ -62,12 +64,16 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
             a GPU it says so and does nothing.
         profile: the configurations: full (default), quick, or acceptance (BC-100 k=12, float32
             and bf16, and the search within 8GiB: the benchmark part of --acceptance True).
+        loader: only the folder loader's images/s at 224 px against decoding alone and against
+            torchvision's ImageFolder + DataLoader, on JPEGs written for it; writes
+            folder-loader-cpu.md (with quick, fewer images: folder-loader-cpu-quick.md).
     """
     from training.errors import UsageError
     from training.plan import parse_budget
 
     for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
-                        ("allocator", allocator), ("acceptance", acceptance)]:
+                        ("allocator", allocator), ("acceptance", acceptance),
+                        ("loader", loader)]:
         if not isinstance(value, bool):
             raise SystemExit(f"error: --{name} must be True or False, got {value!r}")
     if search is not None and not isinstance(search, bool):
@@ -91,6 +97,8 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         return tool_figures.run(out=out, repeats=repeats, quick=quick)
     if allocator:
         return allocator_figures.run(out=out, quick=quick)
+    if loader:
+        return folder_loader.run(out=out, quick=quick)
     if check_model:
         return model_check.check_memory_model(out)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -48,7 +48,7 @@ class FolderDataset:
     """An image folder's file lists (paths) and integer labels per split, and its classes.
 
     valid_images / test_images are None without val/ / test/. notes: lines for the start-up
-    block (ignored files, link loops, what the test figures mean, the transforms)."""
+    block (ignored files, link loops); stats: where mean and std come from."""
 
     name: str
     root: str
@@ -65,6 +65,8 @@ class FolderDataset:
     std: tuple
     flip: bool = True
     notes: list = field(default_factory=list)
+    stats: str = "given"
+    skipped: dict = field(default_factory=dict)  # unreadable images skipped: path -> reason
 
     @property
     def num_classes(self):
@@ -182,15 +184,20 @@ def scan_folder(root):
     others = [entry.name for entry in _entries(root) if entry.name not in SPLITS]
     notes = []
     if scan.ignored:
-        notes.append(f"ignored  {len(scan.ignored):,} files that are not images or are hidden "
-                     f"({_examples(scan.ignored)})")
+        what = "not an image" if len(scan.ignored) == 1 else "not images"
+        notes.append(f"ignored  {_count(scan.ignored, 'file')} ({what}, or hidden): "
+                     f"{_examples(scan.ignored)}")
     if scan.loops:
-        notes.append(f"ignored  {len(scan.loops):,} folder links that loop back "
-                     f"({_examples(scan.loops)})")
+        notes.append(f"ignored  {_count(scan.loops, 'folder link')} looping back (not followed): "
+                     f"{_examples(scan.loops)}")
     if others:
         notes.append(f"ignored  in {root}: {_examples(others)} (only train/, val/ and test/ "
                      f"are read)")
     return classes, splits, notes
+
+
+def _count(items, noun):
+    return f"{len(items):,} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _examples(names):
@@ -210,34 +217,32 @@ def load_folder(root, image_size, resize_size, stats=None, workers=0, skip_bad=F
     """
     root = os.path.abspath(root)
     classes, splits, notes = scan_folder(root)
+    skipped = {}
     (train_paths, train_labels) = splits["train"]
     valid = splits["val"] or (None, None)
     test = splits["test"] or (None, None)
     if stats is None:
-        mean, std = sample_stats(train_paths, image_size, resize_size, workers, skip_bad, report)
+        mean, std = sample_stats(train_paths, image_size, resize_size, workers, skip_bad, report,
+                                 skipped)
         source = f"computed from {min(len(train_paths), STATS_IMAGES):,} training images"
     else:
         mean, std = (tuple(float(v) for v in values) for values in stats)
         source = "ImageNet's" if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else "given"
-    notes.append(f"images   {image_size}x{image_size}: training takes random-resized crops and "
-                 f"flips, evaluation resizes to {resize_size} and takes the centre; mean "
-                 f"{_numbers(mean)}, std {_numbers(std)} ({source})")
     return FolderDataset(root, root, classes, train_paths, train_labels, *valid, *test,
-                         image_size, resize_size, mean, std, notes=notes)
+                         image_size, resize_size, mean, std, notes=notes, stats=source,
+                         skipped=skipped)
 
 
-def _numbers(values):
-    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
-
-
-def sample_stats(paths, image_size, resize_size, workers=0, skip_bad=False, report=print):
+def sample_stats(paths, image_size, resize_size, workers=0, skip_bad=False, report=print,
+                 skipped=None):
     """Per-channel mean and std, in [0, 1] units, of up to STATS_IMAGES evenly spaced images of
     paths after the evaluation transform; float64 sums in a fixed order (any worker count)."""
     count = min(len(paths), STATS_IMAGES)
     sample = [paths[i * len(paths) // count] for i in range(count)]
     loader = FolderLoader(sample, torch.zeros(count, dtype=torch.int64), 50, (0.0,) * 3,
                           (1.0,) * 3, "cpu", image_size, resize_size, workers=workers,
-                          skip_bad=skip_bad, report=report)
+                          skip_bad=skip_bad, report=report, skipped=skipped,
+                          hint="; remove or replace the file, or pass --skip_bad_images True")
     sums = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     pixels = 0
@@ -319,14 +324,15 @@ class FolderLoader:
 
     Same arguments and guarantees as TensorLoader, plus: paths instead of a uint8 tensor,
     image_size and resize_size (data.images' transforms; augment picks the training one),
-    skip_bad (leave unreadable images out of their batch, record them in `skipped`, path ->
-    reason, and report each once through `report`, rather than raise DataError), and hint
-    (appended to that DataError's message).
+    skip_bad (leave unreadable images out of their batch, record them in the dict `skipped`,
+    path -> reason, which loaders may share, and report each once through `report`, rather
+    than raise DataError), and hint (appended to that DataError's message).
     """
 
     def __init__(self, paths, labels, batch_size, mean, std, device, image_size, resize_size,
                  shuffle=False, augment=False, flip=True, generator=None, rank=0, world_size=1,
-                 drop_last=False, workers=0, skip_bad=False, report=print, hint=""):
+                 drop_last=False, workers=0, skip_bad=False, report=print, hint="",
+                 skipped=None):
         check_batching(labels, len(paths), 3, batch_size, mean, std, shuffle, augment, flip,
                        drop_last, generator, rank, world_size)
         for name, value, minimum in (("image_size", image_size, 1),
@@ -344,7 +350,7 @@ class FolderLoader:
         self.report, self.hint = report, hint
         self.per_rank = len(paths) // world_size
         self.reader = BatchReader(self.images, image_size, resize_size, flip)
-        self.skipped = {}
+        self.skipped = {} if skipped is None else skipped
 
     def __len__(self):
         if self.drop_last:

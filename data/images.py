@@ -71,8 +71,8 @@ def decode(data):
     if not data:
         raise ImageError("empty file (0 bytes)")
     kind = _kind(data)
-    if kind is None:
-        return _decode_with_pil(data)
+    if kind is None or (kind == "WebP" and data[12:16] == b"VP8X" and data[20] & 0x08):
+        return _decode_with_pil(data)  # torchvision ignores a WebP's EXIF orientation
     size = _header_size(kind, data)
     if size is not None and size[0] * size[1] > MAX_PIXELS:
         raise ImageError(f"{size[0]}x{size[1]} pixels, more than the {MAX_PIXELS:,} allowed")
@@ -177,10 +177,10 @@ def _pil_rgb(image):
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image).astype(np.int64)  # "I" holds 16-bit files' values
         gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return np.repeat(gray[:, :, None], 3, axis=2)
     if image.mode == "F":
         image = image.convert("L")
-    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return np.array(image.convert("RGB"))
 
 
 # ---------------------------------------------------------------------------- transforms

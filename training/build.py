@@ -160,8 +160,16 @@ def data_notes(config, dataset):
     else:
         test = ("no test/ or val/ folder and no validation, so the test figures are measured "
                 "on the training images (evaluation transform)")
-    return [*dataset.notes, f"splits   {len(dataset.classes)} classes from train/; validation: "
-            f"{valid}; test: {test}"]
+    size, resize = dataset.image_size, dataset.resize_size
+    training = "random-resized crops and flips" if config["augment"] else \
+        "the evaluation transform (--augment False)"
+    numbers = ["(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+               for values in (dataset.mean, dataset.std)]
+    return [*dataset.notes,
+            f"splits   {len(dataset.classes)} classes from train/; validation: {valid}; test: "
+            f"{test}",
+            f"images   {size}x{size}: training takes {training}; evaluation resizes to {resize} "
+            f"and takes the centre; mean {numbers[0]}, std {numbers[1]} ({dataset.stats})"]
 
 
 def make_test_loader(config, dataset, device, report=print, hint=""):
@@ -178,7 +186,8 @@ def _folder_loader(config, dataset, part, batch_size, device, report, hint, **kw
 
     return FolderLoader(part[0], part[1], batch_size, dataset.mean, dataset.std, device,
                         dataset.image_size, dataset.resize_size, workers=config["workers"],
-                        skip_bad=config["skip_bad_images"], report=report, hint=hint, **kwargs)
+                        skip_bad=config["skip_bad_images"], report=report, hint=hint,
+                        skipped=dataset.skipped, **kwargs)
 
 
 def _folder_loaders(config, dataset, devices, generator, report):

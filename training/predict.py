@@ -68,8 +68,8 @@ def predict_saved(config):
     csv.writer(text, lineterminator="\n").writerows([header, *rows])
     write_atomically(output, lambda file: file.write(text.getvalue().encode()))
     failed = len(problems) + len(loader.skipped)
-    print(f"{len(rows):,} predictions in {output} ({os.path.basename(path)}, epoch "
-          f"{saved['epoch']}, {image_size}x{image_size} inputs)"
+    print(f"{len(rows):,} image{'' if len(rows) == 1 else 's'} classified: {output} "
+          f"({os.path.basename(path)} of epoch {saved['epoch']}, {image_size}x{image_size} inputs)"
           + (f"; {failed:,} paths or files could not be read" if failed else ""), flush=True)
     return 2 if failed else 0
 

@@ -1,0 +1,208 @@
+"""Throughput of the folder loader (data/folder.py) at 224 px against decoding alone and against
+what a user would write with torchvision, on JPEG folders written here, in one run, interleaved.
+
+Contenders, each with the same number of worker processes and batch 64, over the same files:
+  decode only     read and decode every file (torchvision.io), nothing else: the floor
+  decode only PIL the same with PIL, the other decoder a loader could use
+  folder loader   FolderLoader as training uses it: shuffle, random-resized crop and flip to
+                  224, uint8 batches from the workers, normalised float32 in this process
+  torchvision     ImageFolder + transforms.v2 (RandomResizedCrop(224), RandomHorizontalFlip,
+                  ToImage, ToDtype, Normalize) + DataLoader(shuffle=True)
+Each round times one epoch of every contender (worker start-up included, as in training), in
+turn; the figure is the median over rounds.
+"""
+
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from PIL import Image
+
+from measure import cpu_name
+
+BATCH = 64
+SETS = {  # name -> (height, width, images, images in a quick run)
+    "500x375": (375, 500, 1024, 96),
+    "80x80": (80, 80, 4096, 256),
+}
+
+
+def photo_like(height, width, rng, detail=0.8):
+    """Smooth shapes at three scales plus fine texture: at quality 90, a 500x375 one takes
+    about 110 KB, like ImageNet's JPEGs (so decoding costs what it costs on photographs)."""
+    image = np.zeros((height, width, 3))
+    for scale, weight in ((64, 1.0), (16, 0.5), (4, 0.25)):
+        small = rng.normal(size=(max(2, height // scale), max(2, width // scale), 3))
+        small = ((small - small.min()) / np.ptp(small) * 255).astype(np.uint8)
+        image += weight * np.asarray(Image.fromarray(small).resize((width, height),
+                                                                    Image.BICUBIC), dtype=float)
+    image = image / 1.75 + rng.normal(scale=255 * detail / 8, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_jpeg_folder(root, height, width, count, classes=10, seed=0):
+    """count JPEGs (quality 90) in root/<class>/; returns their mean size in bytes. A few
+    distinct pictures are reused under different names, as writing them is slow."""
+    rng = np.random.default_rng(seed)
+    pictures = []
+    for _ in range(min(count, 64)):
+        buffer = io.BytesIO()
+        Image.fromarray(photo_like(height, width, rng)).save(buffer, "JPEG", quality=90)
+        pictures.append(buffer.getvalue())
+    for i in range(count):
+        folder = os.path.join(root, f"class{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as file:
+            file.write(pictures[i % len(pictures)])
+    return statistics.mean(len(p) for p in pictures[:count])
+
+
+class _DecodeOnly:
+    """A batch of files read and decoded, the result thrown away: only the count returns."""
+
+    def __init__(self, paths, use_pil):
+        self.paths, self.use_pil = paths, use_pil
+
+    def __getitem__(self, indices):
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        for index in indices:
+            if self.use_pil:
+                with Image.open(self.paths[index]) as image:
+                    image.convert("RGB").load()
+            else:
+                decode_jpeg(read_file(self.paths[index]), mode=ImageReadMode.RGB)
+        return torch.tensor(len(indices))
+
+
+def _batches_of(count):
+    order = torch.randperm(count).tolist()
+    return [order[i:i + BATCH] for i in range(0, count, BATCH)]
+
+
+def decode_only(paths, workers, use_pil=False):
+    loader = torch.utils.data.DataLoader(_DecodeOnly(paths, use_pil), batch_size=None,
+                                         sampler=_batches_of(len(paths)), num_workers=workers)
+    return sum(int(count) for count in loader)
+
+
+def folder_loader(paths, labels, workers):
+    from data.folder import FolderLoader
+    from data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    loader = FolderLoader(paths, labels, BATCH, IMAGENET_MEAN, IMAGENET_STD, "cpu", 224, 256,
+                          shuffle=True, augment=True, generator=torch.Generator().manual_seed(0),
+                          workers=workers)
+    return sum(len(targets) for _, targets in loader)
+
+
+def torchvision_baseline(root, workers):
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    from data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), v2.ToImage(),
+                            v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = datasets.ImageFolder(root, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True,
+                                         num_workers=workers)
+    return sum(len(targets) for _, targets in loader)
+
+
+CONTENDERS = ("decode only", "decode only PIL", "folder loader", "torchvision")
+
+
+def measure(root, workers, rounds):
+    """{contender: [images/s of each round]} over the JPEG folder root."""
+    from data.folder import scan_folder
+
+    _, splits, _ = scan_folder(os.path.dirname(root))
+    paths, labels = splits["train"]
+    run = {"decode only": lambda: decode_only(paths, workers),
+           "decode only PIL": lambda: decode_only(paths, workers, use_pil=True),
+           "folder loader": lambda: folder_loader(paths, labels, workers),
+           "torchvision": lambda: torchvision_baseline(root, workers)}
+    rates = {name: [] for name in CONTENDERS}
+    for name in CONTENDERS:  # warm the page cache and the imports
+        run[name]()
+    for _ in range(rounds):
+        for name in CONTENDERS:
+            start = time.perf_counter()
+            count = run[name]()
+            rates[name].append(count / (time.perf_counter() - start))
+            assert count == len(paths), (name, count)
+    return rates
+
+
+def run(out="results", quick=False, workers=None, rounds=None):
+    """Measure every set of SETS; write <out>/folder-loader-cpu.md (-quick with quick)."""
+    workers = workers if workers is not None else len(os.sched_getaffinity(0))
+    rounds = rounds or (2 if quick else 5)
+    torch.set_num_threads(1)  # as in DataLoader workers: each process decodes on one core
+    load_before = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="folder-loader-") as temporary:
+        for name, (height, width, count, quick_count) in SETS.items():
+            count = quick_count if quick else count
+            root = os.path.join(temporary, name, "train")
+            size = write_jpeg_folder(root, height, width, count)
+            rates = measure(root, workers, rounds)
+            results[name] = (count, size, {k: statistics.median(v) for k, v in rates.items()})
+            line = ", ".join(f"{k} {statistics.median(v):,.0f}" for k, v in rates.items())
+            print(f"{name}: {line} images/s", flush=True)
+    path = os.path.join(out, f"folder-loader-cpu{'-quick' if quick else ''}.md")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as file:
+        file.write(report(results, workers, rounds, load_before, os.getloadavg(), quick))
+    print(f"wrote {path}")
+    return results
+
+
+def report(results, workers, rounds, load_before, load_after, quick):
+    lines = [
+        "# Folder loader throughput (CPU)",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, shared with other jobs (load average "
+        f"{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end). "
+        f"{time.strftime('%Y-%m-%d')}, Python {platform.python_version()}, torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__}.",
+        "",
+        f"Command: `python benchmark.py --loader True{' --quick True' if quick else ''}` "
+        f"({workers} worker processes for every contender, batch {BATCH}, output 224x224, "
+        f"median of {rounds} rounds, contenders interleaved in each round; module docstring "
+        f"of benchmarks/folder_loader.py).",
+        "",
+        "JPEGs written by the benchmark (quality 90, photo-like content; 500x375 ones about the "
+        "size of ImageNet's), images per second of one epoch, worker start-up included:",
+        "",
+        "| images | count | mean file | decode only (torchvision.io) | decode only (PIL) | "
+        "folder loader | torchvision ImageFolder + v2 | folder loader ÷ decode only | "
+        "folder loader ÷ torchvision |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (count, size, rates) in results.items():
+        lines.append(
+            f"| {name} | {count:,} | {size / 1024:.0f} KiB | {rates['decode only']:,.0f} | "
+            f"{rates['decode only PIL']:,.0f} | {rates['folder loader']:,.0f} | "
+            f"{rates['torchvision']:,.0f} | "
+            f"{rates['folder loader'] / rates['decode only']:.2f} | "
+            f"{rates['folder loader'] / rates['torchvision']:.2f} |")
+    lines += [
+        "",
+        "Targets: folder loader at least 0.8x decoding alone and at least 1.0x the torchvision "
+        "baseline. \"Decode only\" reads and decodes each file and nothing else; the folder "
+        "loader also crops, resizes to 224 (antialiased bilinear), flips, copies into the "
+        "batch and normalises to float32, so on small images, which must be upscaled to 224, "
+        "the resize rather than the decoding sets its pace.",
+        "",
+    ]
+    return "\n".join(lines)
