@@ -385,10 +385,13 @@ class FolderLoader:
             for task in tasks:
                 yield task, self.reader[task]
             return
+        # Its own generator: a DataLoader draws its workers' seeds (unused here) from torch's
+        # global one otherwise, which would change dropout and initialisation with --workers.
         loader = DataLoader(self.reader, batch_size=None, sampler=tasks,
                             num_workers=min(self.workers, len(tasks)),
                             pin_memory=self.device.type == "cuda",
-                            worker_init_fn=_ignore_stop_signals)
+                            worker_init_fn=_ignore_stop_signals,
+                            generator=torch.Generator().manual_seed(0))
         iterator = iter(loader)
         for task in tasks:
             try:

@@ -422,6 +422,12 @@ def test_batches_are_the_same_for_any_number_of_workers_and_after_a_skip(small_f
     assert not torch.equal(other[0][0], reference[0][0])
 
 
+def test_loading_leaves_torchs_global_random_state_alone(small_folder):
+    state = torch.get_rng_state()
+    epoch(folder_loader(small_folder, workers=2))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_restoring_the_generator_state_replays_the_epoch(small_folder):
     loader = folder_loader(small_folder, workers=2)
     epoch(loader)

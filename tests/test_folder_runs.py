@@ -167,7 +167,7 @@ def test_predict_on_a_folder_and_files_matches_evaluate(reference_run, pets, tmp
 def test_predict_reports_each_bad_path_and_file_in_one_line(reference_run, pets, tmp_path):
     save, _ = reference_run
     (tmp_path / "empty").mkdir()
-    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (tmp_path / "broken.jpg").write_bytes(encode(BASE, "JPEG")[:700])
     result = run_demo(["--save", save, "--predict",
                        f"{tmp_path / 'absent.png'},{tmp_path / 'empty'},{tmp_path / 'broken.jpg'},"
                        f"{pets / 'test' / 'cat' / '001.png'}", "--workers", "0"])

@@ -124,7 +124,8 @@ class Run:
                            "data_parallel": self.devices.data_parallel,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
             self.folder.start({**self.config, "environment": environment}, self.rows)
-            if self.best_epoch and self.best_epoch == self.epoch:
+            # Not from a checkpoint inside the next epoch: its weights are no longer the best.
+            if self.best_epoch and self.best_epoch == self.epoch and self.position is None:
                 self.folder.save_best(self.raw_model, self.best_epoch, self.best_error,
                                       self.config)
 
