@@ -274,10 +274,16 @@ def write_cifar_copies(root, per_batch, test_count):
     return root
 
 
-def train_three_ways(root, extra=()):
-    """BC-40 for 3 epochs on the pickles and on both folders, the three runs at once."""
-    common = ["--depth", "40", "--growth_rate", "12", "--n_epochs", "3", "--batch_size", "64",
-              "--valid_size", "0", "--seed", "0", "--log_every", "600", *extra]
+def train_three_ways(root):
+    """DenseNet-BC-40 for 3 epochs on the pickles and on both folders, the three runs at once.
+
+    Without augmentation: the two paths augment differently by design (zero-pad and crop
+    against random-resized crops), while decoding, labels and normalisation must agree. Batch
+    32 at a constant learning rate: on a CPU a larger batch costs as much per image and learns
+    less in 3 epochs."""
+    common = ["--depth", "40", "--growth_rate", "12", "--n_epochs", "3", "--batch_size", "32",
+              "--milestones", "[]", "--augment", "False", "--valid_size", "0", "--seed", "0",
+              "--log_every", "600"]
     commands = {
         "pickle": ["--dataset", "cifar10", "--data", root / "pickle"],
         "png": ["--dataset", "folder", "--image_size", "32", "--data", root / "png",
@@ -302,14 +308,14 @@ def cifar_subset_runs(tmp_path_factory):
     if not CIFAR10.is_dir():
         pytest.skip(f"{CIFAR_SUBSET} is absent")
     root = tmp_path_factory.mktemp("cifar")
-    write_cifar_copies(root, 200, 500)
+    write_cifar_copies(root, 120, 300)
     return root, train_three_ways(root)
 
 
 def test_cifar_subset_as_png_and_jpeg_folders_learns_as_the_pickles_do(cifar_subset_runs):
-    # 1,000 training and 500 test images of the subset: the whole subset is the long test below.
+    # 600 training and 300 test images of the subset (the whole subset: the long test below).
     _, errors = cifar_subset_runs
-    assert errors["pickle"] < 0.8, errors  # chance: 0.9
+    assert errors["pickle"] < 0.85, errors  # chance: 0.9; these settings reach about 0.77
     assert abs(errors["png"] - errors["pickle"]) <= 0.03, errors
     assert abs(errors["jpg"] - errors["pickle"]) <= 0.03, errors
 
@@ -344,7 +350,7 @@ def test_predict_with_a_cifar_run_on_32_px_images(cifar_subset_runs):
         logits = torch.cat([model(inputs) for inputs, _ in loader])
     names = saved["config"]["classes"]
     by_file = {Path(row["file"]).name: row for row in rows}
-    assert len(by_file) == len(logits) == 500
+    assert len(by_file) == len(logits) == 300
     for i, (probabilities, label) in enumerate(zip(logits.softmax(1), dataset.test_labels,
                                                    strict=True)):
         row = by_file[f"test_batch_{i:05d}.png"]
