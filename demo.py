@@ -95,8 +95,9 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, depth=100, gr
         augment: zero-pad 4, random 32x32 crop, horizontal flip (not for SVHN). For folder:
             torchvision's reference recipe, a random-resized crop (8-100% of the area, aspect
             3/4-4/3) and a flip; evaluation (and training with False) resizes the shorter side
-            to image_size * 8/7, then takes the centre. Mean and std: ImageNet's with
-            pretrained weights, else measured on 1,000 training images (recorded in config.json).
+            to image_size (with pretrained weights image_size * 8/7, as torchvision's), then
+            takes the centre. Mean and std: ImageNet's with pretrained weights, else measured
+            on 1,000 training images (recorded in config.json).
         amp: mixed precision: off, bf16, or fp16 (with a gradient scaler).
         channels_last: channels-last memory format (faster convolutions with amp on GPUs).
         sync_bn: under torchrun on GPUs, synchronise BatchNorm statistics across processes.

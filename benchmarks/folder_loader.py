@@ -9,12 +9,15 @@ Contenders, each with the same number of worker processes and batch 64, over the
   torchvision     ImageFolder + transforms.v2 (RandomResizedCrop(224), RandomHorizontalFlip,
                   ToImage, ToDtype, Normalize) + DataLoader(shuffle=True)
 Each round times one epoch of every contender (worker start-up included, as in training), in
-turn; the figure is the median over rounds.
+turn; the figure is the median over rounds. Besides images per second, the CPU time the epoch
+took in all processes (this one and its workers, which end with the epoch) per image: on a
+machine shared with other jobs it depends less on what they do.
 """
 
 import io
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -26,6 +29,7 @@ import torchvision
 from PIL import Image
 
 from measure import cpu_name
+from training.devices import keep_freed_memory
 
 BATCH = 64
 SETS = {  # name -> (height, width, images, images in a quick run)
@@ -121,8 +125,15 @@ def torchvision_baseline(root, workers):
 CONTENDERS = ("decode only", "decode only PIL", "folder loader", "torchvision")
 
 
+def _cpu_seconds():
+    """CPU time of this process and of its children that have ended (the epoch's workers)."""
+    return sum(usage.ru_utime + usage.ru_stime for usage in
+               (resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def measure(root, workers, rounds):
-    """{contender: [images/s of each round]} over the JPEG folder root."""
+    """{contender: [(images/s, CPU ms per image) of each round]} over the JPEG folder root."""
     from data.folder import scan_folder
 
     _, splits, _ = scan_folder(os.path.dirname(root))
@@ -136,9 +147,10 @@ def measure(root, workers, rounds):
         run[name]()
     for _ in range(rounds):
         for name in CONTENDERS:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             count = run[name]()
-            rates[name].append(count / (time.perf_counter() - start))
+            rates[name].append((count / (time.perf_counter() - start),
+                                (_cpu_seconds() - cpu) * 1000 / count))
             assert count == len(paths), (name, count)
     return rates
 
@@ -148,6 +160,7 @@ def run(out="results", quick=False, workers=None, rounds=None):
     workers = workers if workers is not None else len(os.sched_getaffinity(0))
     rounds = rounds or (2 if quick else 5)
     torch.set_num_threads(1)  # as in DataLoader workers: each process decodes on one core
+    keep_freed_memory()  # as demo.py does on a CPU
     load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="folder-loader-") as temporary:
@@ -156,9 +169,12 @@ def run(out="results", quick=False, workers=None, rounds=None):
             root = os.path.join(temporary, name, "train")
             size = write_jpeg_folder(root, height, width, count)
             rates = measure(root, workers, rounds)
-            results[name] = (count, size, {k: statistics.median(v) for k, v in rates.items()})
-            line = ", ".join(f"{k} {statistics.median(v):,.0f}" for k, v in rates.items())
-            print(f"{name}: {line} images/s", flush=True)
+            medians = {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
+                       for k, v in rates.items()}
+            results[name] = (count, size, medians)
+            line = ", ".join(f"{k} {r:,.0f} images/s ({c:.2f} CPU ms each)"
+                             for k, (r, c) in medians.items())
+            print(f"{name}: {line}", flush=True)
     path = os.path.join(out, f"folder-loader-cpu{'-quick' if quick else ''}.md")
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as file:
@@ -182,7 +198,9 @@ def report(results, workers, rounds, load_before, load_after, quick):
         f"of benchmarks/folder_loader.py).",
         "",
         "JPEGs written by the benchmark (quality 90, photo-like content; 500x375 ones about the "
-        "size of ImageNet's), images per second of one epoch, worker start-up included:",
+        "size of ImageNet's). Images per second of one epoch (worker start-up included), and in "
+        "brackets the CPU milliseconds per image, all processes together; the ratios are "
+        "throughput ratios, images/s (and CPU time: the other's over the loader's):",
         "",
         "| images | count | mean file | decode only (torchvision.io) | decode only (PIL) | "
         "folder loader | torchvision ImageFolder + v2 | folder loader ÷ decode only | "
@@ -190,12 +208,12 @@ def report(results, workers, rounds, load_before, load_after, quick):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (count, size, rates) in results.items():
-        lines.append(
-            f"| {name} | {count:,} | {size / 1024:.0f} KiB | {rates['decode only']:,.0f} | "
-            f"{rates['decode only PIL']:,.0f} | {rates['folder loader']:,.0f} | "
-            f"{rates['torchvision']:,.0f} | "
-            f"{rates['folder loader'] / rates['decode only']:.2f} | "
-            f"{rates['folder loader'] / rates['torchvision']:.2f} |")
+        cells = [f"{rates[key][0]:,.0f} ({rates[key][1]:.2f} ms)" for key in CONTENDERS]
+        loader = rates["folder loader"]
+        ratios = [f"{loader[0] / rates[key][0]:.2f} ({rates[key][1] / loader[1]:.2f})"
+                  for key in ("decode only", "torchvision")]
+        lines.append(f"| {name} | {count:,} | {size / 1024:.0f} KiB | {' | '.join(cells)} | "
+                     f"{' | '.join(ratios)} |")
     lines += [
         "",
         "Targets: folder loader at least 0.8x decoding alone and at least 1.0x the torchvision "

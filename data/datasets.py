@@ -115,15 +115,24 @@ def _cifar100_classes(root):
 
 
 def channel_stats(images):
-    """Per-channel mean and (population) std of uint8 images (N, C, H, W), in [0, 1] units.
+    """Per-channel mean and (population) std of uint8 images (N, C, H, W), in [0, 1] units."""
+    return stats_from_histograms(channel_histograms(images))
 
-    Computed exactly from a 256-bin histogram per channel, so memory stays small."""
+
+def channel_histograms(images):
+    """(C, 256) counts of each value per channel of uint8 images (N, C, H, W): exact
+    statistics in little memory, summed over batches."""
+    return torch.stack([torch.bincount(images[:, channel].reshape(-1), minlength=256)
+                        for channel in range(images.shape[1])])
+
+
+def stats_from_histograms(counts):
+    """(mean, std) per channel, in [0, 1] units, from channel_histograms' counts."""
     values = torch.arange(256, dtype=torch.float64) / 255
     means, stds = [], []
-    for channel in range(images.shape[1]):
-        counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
-        mean = (counts * values).sum() / counts.sum()
-        var = (counts * (values - mean) ** 2).sum() / counts.sum()
+    for channel_counts in counts.double():
+        mean = (channel_counts * values).sum() / channel_counts.sum()
+        var = (channel_counts * (values - mean) ** 2).sum() / channel_counts.sum()
         means.append(mean.item())
         stds.append(var.sqrt().item())
     return tuple(means), tuple(stds)

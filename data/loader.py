@@ -50,6 +50,18 @@ def crop_flip(images, offsets, flips, padding=PADDING):
     return crops.view(batch, channels, height, width)
 
 
+def channel_tensors(mean, std, device="cpu"):
+    """mean and std as float32 (C, 1, 1) tensors on device, for normalise."""
+    return tuple(torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+                 for values in (mean, std))
+
+
+def normalise(images, mean, std, out=None):
+    """(x / 255 - mean) / std in float32 of uint8 images, per channel (see channel_tensors).
+    Every loader uses it, so that equal images give bitwise equal inputs whatever the source."""
+    return torch.div(images, 255, out=out).sub_(mean).div_(std)
+
+
 def check_batching(labels, count, channels, batch_size, mean, std, shuffle, augment, flip,
                    drop_last, generator, rank, world_size):
     """The argument checks TensorLoader and FolderLoader share; ValueError if one fails."""
@@ -101,8 +113,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(self.device, torch.int64)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.mean, self.std = channel_tensors(mean, std, self.device)
         self.batch_size, self.shuffle, self.augment, self.flip = batch_size, shuffle, augment, flip
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self.drop_last = drop_last
@@ -146,5 +157,4 @@ class TensorLoader:
             images = self.images.index_select(0, batch_index)  # much faster than images[index]
             if offsets is not None:
                 images = crop_flip(images, offsets[start:stop], flips[start:stop])
-            inputs = images.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
-            yield inputs, self.labels.index_select(0, batch_index)
+            yield normalise(images, self.mean, self.std), self.labels.index_select(0, batch_index)

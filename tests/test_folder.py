@@ -228,9 +228,9 @@ def test_training_transform_is_torchvisions_resized_crop_and_flip():
 @pytest.mark.parametrize("height, width", [(45, 60), (60, 45), (32, 32), (300, 20)])
 def test_evaluation_transform_is_torchvisions_resize_and_centre_crop(height, width):
     image = torch.from_numpy(photo(height, width)).permute(2, 0, 1)
-    reference = T.Compose([T.Resize(eval_resize_size(28)), T.CenterCrop(28)])
-    assert eval_resize_size(224) == 256 and eval_resize_size(32) == 37
-    assert torch.equal(eval_transform(image, 28, eval_resize_size(28)), reference(image))
+    reference = T.Compose([T.Resize(eval_resize_size(28, True)), T.CenterCrop(28)])
+    assert eval_resize_size(224, pretrained=True) == 256 and eval_resize_size(224) == 224
+    assert torch.equal(eval_transform(image, 28, eval_resize_size(28, True)), reference(image))
 
 
 def test_evaluation_at_the_images_own_size_is_the_image():

@@ -47,7 +47,8 @@ def read_dataset(config, download, report=print):
         stats = (config["mean"], config["std"]) if "mean" in config else None
         if is_pretrained(config):
             stats = (IMAGENET_MEAN, IMAGENET_STD)
-        resize_size = config.get("resize_size") or eval_resize_size(config["image_size"])
+        resize_size = config.get("resize_size") or eval_resize_size(config["image_size"],
+                                                                     is_pretrained(config))
         return load_folder(config["data"], config["image_size"], resize_size, stats,
                            workers=config["workers"], skip_bad=config["skip_bad_images"],
                            report=report)
