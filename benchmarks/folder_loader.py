@@ -1,12 +1,13 @@
-"""Throughput of the folder loader (data/folder.py) at 224 px against decoding alone and against
+"""Throughput of the folder loader (data/folder.py) at 224 px (and small images at their own size)
+against decoding alone and against
 what a user would write with torchvision, on JPEG folders written here, in one run, interleaved.
 
 Contenders, each with the same number of worker processes and batch 64, over the same files:
   decode only     read and decode every file (torchvision.io), nothing else: the floor
   decode only PIL the same with PIL, the other decoder a loader could use
-  folder loader   FolderLoader as training uses it: shuffle, random-resized crop and flip to
-                  224, uint8 batches from the workers, normalised float32 in this process
-  torchvision     ImageFolder + transforms.v2 (RandomResizedCrop(224), RandomHorizontalFlip,
+  folder loader   FolderLoader as CPU training uses it: shuffle, random-resized crop and flip
+                  to the output size, normalised float32 batches from the workers
+  torchvision     ImageFolder + transforms.v2 (RandomResizedCrop, RandomHorizontalFlip,
                   ToImage, ToDtype, Normalize) + DataLoader(shuffle=True)
 Each round times one epoch of every contender (worker start-up included, as in training), in
 turn; the figure is the median over rounds. Besides images per second, the CPU time the epoch
@@ -32,9 +33,10 @@ from measure import cpu_name
 from training.devices import keep_freed_memory
 
 BATCH = 64
-SETS = {  # name -> (height, width, images, images in a quick run)
-    "500x375": (375, 500, 1024, 96),
-    "80x80": (80, 80, 4096, 256),
+SETS = {  # name -> (height, width, output size, images, images in a quick run)
+    "500x375 at 224 px": (375, 500, 224, 1024, 96),
+    "80x80 at 224 px": (80, 80, 224, 4096, 256),
+    "80x80 at 80 px": (80, 80, 80, 4096, 256),
 }
 
 
@@ -49,6 +51,11 @@ def photo_like(height, width, rng, detail=0.8):
                                                                     Image.BICUBIC), dtype=float)
     image = image / 1.75 + rng.normal(scale=255 * detail / 8, size=image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def mean_file_size(root):
+    sizes = [entry.stat().st_size for folder in os.scandir(root) for entry in os.scandir(folder)]
+    return statistics.mean(sizes)
 
 
 def write_jpeg_folder(root, height, width, count, classes=10, seed=0):
@@ -97,23 +104,23 @@ def decode_only(paths, workers, use_pil=False):
     return sum(int(count) for count in loader)
 
 
-def folder_loader(paths, labels, workers):
+def folder_loader(paths, labels, workers, size):
     from data.folder import FolderLoader
     from data.images import IMAGENET_MEAN, IMAGENET_STD
 
-    loader = FolderLoader(paths, labels, BATCH, IMAGENET_MEAN, IMAGENET_STD, "cpu", 224, 256,
+    loader = FolderLoader(paths, labels, BATCH, IMAGENET_MEAN, IMAGENET_STD, "cpu", size, size,
                           shuffle=True, augment=True, generator=torch.Generator().manual_seed(0),
                           workers=workers)
     return sum(len(targets) for _, targets in loader)
 
 
-def torchvision_baseline(root, workers):
+def torchvision_baseline(root, workers, size):
     from torchvision import datasets
     from torchvision.transforms import v2
 
     from data.images import IMAGENET_MEAN, IMAGENET_STD
 
-    transform = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), v2.ToImage(),
+    transform = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), v2.ToImage(),
                             v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     dataset = datasets.ImageFolder(root, transform=transform)
@@ -132,7 +139,7 @@ def _cpu_seconds():
                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def measure(root, workers, rounds):
+def measure(root, workers, rounds, size):
     """{contender: [(images/s, CPU ms per image) of each round]} over the JPEG folder root."""
     from data.folder import scan_folder
 
@@ -140,8 +147,8 @@ def measure(root, workers, rounds):
     paths, labels = splits["train"]
     run = {"decode only": lambda: decode_only(paths, workers),
            "decode only PIL": lambda: decode_only(paths, workers, use_pil=True),
-           "folder loader": lambda: folder_loader(paths, labels, workers),
-           "torchvision": lambda: torchvision_baseline(root, workers)}
+           "folder loader": lambda: folder_loader(paths, labels, workers, size),
+           "torchvision": lambda: torchvision_baseline(root, workers, size)}
     rates = {name: [] for name in CONTENDERS}
     for name in CONTENDERS:  # warm the page cache and the imports
         run[name]()
@@ -164,14 +171,15 @@ def run(out="results", quick=False, workers=None, rounds=None):
     load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="folder-loader-") as temporary:
-        for name, (height, width, count, quick_count) in SETS.items():
+        for name, (height, width, size, count, quick_count) in SETS.items():
             count = quick_count if quick else count
-            root = os.path.join(temporary, name, "train")
-            size = write_jpeg_folder(root, height, width, count)
-            rates = measure(root, workers, rounds)
+            root = os.path.join(temporary, f"{height}x{width}", "train")
+            if not os.path.isdir(root):
+                write_jpeg_folder(root, height, width, count)
+            rates = measure(root, workers, rounds, size)
             medians = {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
                        for k, v in rates.items()}
-            results[name] = (count, size, medians)
+            results[name] = (count, mean_file_size(root), medians)
             line = ", ".join(f"{k} {r:,.0f} images/s ({c:.2f} CPU ms each)"
                              for k, (r, c) in medians.items())
             print(f"{name}: {line}", flush=True)
@@ -193,7 +201,7 @@ def report(results, workers, rounds, load_before, load_after, quick):
         f"{torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__}.",
         "",
         f"Command: `python benchmark.py --loader True{' --quick True' if quick else ''}` "
-        f"({workers} worker processes for every contender, batch {BATCH}, output 224x224, "
+        f"({workers} worker processes for every contender, batch {BATCH}, "
         f"median of {rounds} rounds, contenders interleaved in each round; module docstring "
         f"of benchmarks/folder_loader.py).",
         "",
@@ -218,9 +226,9 @@ def report(results, workers, rounds, load_before, load_after, quick):
         "",
         "Targets: folder loader at least 0.8x decoding alone and at least 1.0x the torchvision "
         "baseline. \"Decode only\" reads and decodes each file and nothing else; the folder "
-        "loader also crops, resizes to 224 (antialiased bilinear), flips, copies into the "
-        "batch and normalises to float32, so on small images, which must be upscaled to 224, "
-        "the resize rather than the decoding sets its pace.",
+        "loader also crops, resizes (antialiased bilinear), flips, and writes the float32 "
+        "batch (600 KiB per image at 224 px, into fresh shared memory), so on small images, "
+        "which must be upscaled to 224, the output rather than the decoding sets its pace.",
         "",
     ]
     return "\n".join(lines)
