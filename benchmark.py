@@ -8,6 +8,7 @@
     python benchmark.py --check_model True    # the memory model against CPU measurements
     python benchmark.py --tools True          # torch.compile, operator counts, accuracy (CPU)
     python benchmark.py --allocator True      # CPU steps: glibc's default vs freed memory kept
+    python benchmark.py --loader True         # folder loader vs decoding alone and torchvision
 
 Writes into results/ unless --out is given (--quick: a temporary folder). The measurements
 live in benchmarks/; this face checks the flags and picks one. Bad input ends with one line
@@ -21,12 +22,14 @@ import tempfile
 from cli import check_flags, fail, quiet_interrupt
 
 # Written True or False, or true/false, yes/no, 1/0 in any case (cli.py).
-BOOLEAN_ARGS = ("quick", "amp", "search", "check_model", "tools", "allocator", "acceptance")
+BOOLEAN_ARGS = ("quick", "amp", "search", "check_model", "tools", "allocator", "acceptance",
+                "loader")
 
 
 def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_depth=None,
          cpu_max_gb=8.0, search=None, search_budget=None, memory_budget=None,
-         check_model=False, tools=False, allocator=False, acceptance=False, profile=None):
+         check_model=False, tools=False, allocator=False, acceptance=False, profile=None,
+         loader=False):
     """Benchmark naive, efficient and torchvision DenseNets; write CSV, markdown and plots.
 
     Writes into results/ (the committed reference figures) unless --out is given; --quick
@@ -68,9 +71,12 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
             and bf16, and the search within 8GiB), or imagenet (torchvision's DenseNet-121,
             -161, -169 and -201 at 224 and 448 px, with the largest batch predicted for 16 and
             80 GiB GPUs).
+        loader: only the folder loader's images/s at 224 px (and small images at their own size)
+            against decoding alone and against torchvision's ImageFolder + DataLoader, on JPEGs
+            written for it; writes folder-loader-cpu.md (with quick: folder-loader-cpu-quick.md).
     """
     for name, value in [("quick", quick), ("check_model", check_model), ("tools", tools),
-                        ("allocator", allocator), ("acceptance", acceptance),
+                        ("allocator", allocator), ("acceptance", acceptance), ("loader", loader),
                         ("search", search), ("amp", amp)]:
         if not isinstance(value, bool) and (value is not None or name not in ("search", "amp")):
             fail(f"--{name} must be True or False (or true/false, yes/no, 1/0), got {value!r}")
@@ -80,7 +86,7 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
     # Imported only now, once the command line is checked: torch takes a second or more to load.
     from benchmarks import acceptance as gpu_acceptance
     from benchmarks import allocator as allocator_figures
-    from benchmarks import compare, cpu_search, model_check
+    from benchmarks import compare, cpu_search, folder_loader, model_check
     from benchmarks import tools as tool_figures
     from training.errors import UsageError
     from training.plan import parse_budget
@@ -103,6 +109,8 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         return tool_figures.run(out=out, repeats=repeats, quick=quick)
     if allocator:
         return allocator_figures.run(out=out, quick=quick)
+    if loader:
+        return folder_loader.run(out=out, quick=quick)
     if check_model:
         return model_check.check_memory_model(out)
     if device.type == "cpu" and (search or memory_budget is not None):

@@ -1,4 +1,4 @@
-"""Train a DenseNet on CIFAR-10, CIFAR-100 or SVHN, resume it, or evaluate a saved one.
+"""Train a DenseNet on CIFAR-10, CIFAR-100, SVHN or an image folder, resume it, evaluate it.
 
     python demo.py --data DIR --save DIR [--depth 100 --growth_rate 12 --efficient True ...]
     CUDA_VISIBLE_DEVICES=0,1 python demo.py ...       # DataParallel over the visible GPUs
@@ -6,6 +6,8 @@
     python demo.py --save DIR --resume True           # continue a run, with its own settings
     python demo.py --save DIR --resume auto ...       # continue it if there is one, else start
     python demo.py --save DIR --evaluate True         # test error of a saved model
+    python demo.py --save DIR --predict a.jpg,photos/ # classify images: DIR/predictions.csv
+    python demo.py --dataset folder --data DIR --save DIR --image_size 224  # your own images
     python demo.py --plan True --depth 250 --growth_rate 24 --memory_budget 8GiB  # what fits
     python demo.py --arch densenet121 --pretrained True --image_size 64 ...  # torchvision's
 
@@ -21,7 +23,8 @@ from training.errors import UsageError, one_line
 
 # Written True or False, or true/false, yes/no, 1/0 in any case (cli.py).
 BOOLEAN_ARGS = ("bc", "efficient", "recompute_bottleneck", "augment", "channels_last", "sync_bn",
-                "svhn_extra", "download", "evaluate", "deterministic", "compile", "cuda_graph")
+                "svhn_extra", "download", "evaluate", "deterministic", "compile", "cuda_graph",
+                "skip_bad_images")
 AMP_MODES = ("off", "bf16", "fp16")
 GIVEN = None  # the flags on the command line (set below); None: every argument counts as given
 
@@ -33,8 +36,16 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
          milestones=None, gamma=0.1, seed=None, augment=True, amp="off", channels_last=False,
          sync_bn=False, svhn_extra=False, fake_size=(50000, 10000), download=True,
          resume=False, evaluate=False, deterministic=False, compile=False, cuda_graph=False,
-         log_every=30, checkpoint_every=10, plan=False, memory_budget=None, json=False):
+         workers=None, skip_bad_images=False, predict=None, log_every=30,
+         checkpoint_every=10, plan=False, memory_budget=None, json=False):
     """Train a DenseNet (defaults: the paper's DenseNet-BC, L=100, k=12 on CIFAR-10).
+
+    Own images: --dataset folder --data DIR, with DIR/train/<class>/<images> (JPEG, PNG, WebP,
+    BMP, GIF, TIFF, ...; any size, converted to RGB), optionally DIR/val/ and DIR/test/ alike.
+    Files that are not images are ignored and counted in the start-up block. An image file
+    that cannot be read stops the run with one line naming it (the last checkpoint kept: fix
+    or remove the file, then --resume True), unless --skip_bad_images True, which leaves such
+    images out and reports each.
 
     Uses CUDA when available (every visible GPU through DataParallel), else the CPU; under
     torchrun, DistributedDataParallel with one process per GPU. Writes to --save: config.json,
@@ -52,14 +63,16 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
 
     Args:
         data: folder holding the dataset files (downloaded there if missing); not needed for fake.
+            For folder: DIR with train/<class>/ (required), val/<class>/ and test/<class>/.
             A leading ~ is your home folder, also in --data=~/x.
         save: folder for the run's logs and checkpoints (created if missing).
-        dataset: cifar10, cifar100, svhn, or fake (random images, no files).
-        image_size: height and width of the images the network sees: 32 for cifar10,
-            cifar100 and svhn (the only size they have); fake makes random images of any size
-            (default 32). Below 64 the network starts with the 3x3 CIFAR stem, from 64 on with
-            the ImageNet stem (7x7 stride-2 convolution and max-pool: a quarter of the
-            resolution), whatever --arch.
+        dataset: cifar10, cifar100, svhn, folder (images in class folders: see above), or fake
+            (random images, no files).
+        image_size: side of the square network input: 32 for cifar10, cifar100 and svhn (the
+            only size they have); for folder any size (default 224), whatever the images'
+            sizes; fake makes random images of any size (default 32). Below 64 the network
+            starts with the 3x3 CIFAR stem, from 64 on with the ImageNet stem (7x7 stride-2
+            convolution and max-pool: a quarter of the resolution), whatever --arch.
         arch: densenet121, densenet161, densenet169 or densenet201: torchvision's ImageNet
             DenseNets (their growth rate, blocks, initial features, bottleneck 4k, compression
             0.5), instead of the --depth/--growth_rate/--bc/--compression family (the default;
@@ -90,13 +103,22 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
             150,225; by default 50% and 75% of n_epochs.
         gamma: learning rate factor at each milestone.
         seed: random seed (default: drawn at random and recorded in config.json).
-        augment: zero-pad 4, random 32x32 crop, horizontal flip (not for SVHN).
+        augment: zero-pad 4, random 32x32 crop, horizontal flip (not for SVHN). For folder:
+            torchvision's reference recipe, a random-resized crop (8-100% of the area, aspect
+            3/4-4/3) and a flip; evaluation (and training with False) resizes the shorter side
+            to image_size (with pretrained weights image_size * 8/7, as torchvision's), then
+            takes the centre. Mean and std: ImageNet's with pretrained weights, else measured
+            on 1,000 training images (recorded in config.json).
         amp: mixed precision: off, bf16, or fp16 (with a gradient scaler).
         channels_last: channels-last memory format (faster convolutions with amp on GPUs).
         sync_bn: under torchrun on GPUs, synchronise BatchNorm statistics across processes.
         svhn_extra: add SVHN's 531,131 extra images to its training set.
         fake_size: train,test numbers of images of the fake dataset.
         download: download missing dataset files.
+        workers: processes decoding folder images (and --predict's); default: the CPU cores,
+            at most 8, shared among torchrun's processes; 0 decodes in the training process.
+        skip_bad_images: leave images that cannot be read or decoded out of their batch,
+            reporting each once, instead of stopping the run at the first.
         resume: True: continue the run in --save from its checkpoint.pt, with the settings it
             stored: a flag given must equal its stored value, except --n_epochs (to extend the
             run; the milestones stay as stored unless given) and those that change how, not
@@ -106,6 +128,10 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
             start it: one command line for every start of a job that restarts.
         evaluate: no training: evaluate --save's model_best.pt (else checkpoint.pt) on the test
             set, with the configuration it was trained with.
+        predict: no training: image files and folders (comma-separated) to classify with
+            --save's model_best.pt (else checkpoint.pt) and its evaluation transform; writes
+            --save/predictions.csv (file, class, probability, the top 5). Paths and files that
+            cannot be read get a line each on stderr (then exit status 2).
         deterministic: deterministic GPU kernels, so that a resumed run ends bitwise equal to
             an uninterrupted one on a GPU too (somewhat slower; CPU runs always are).
         compile: torch.compile the model (forward and backward; SGD is already fused).
@@ -136,6 +162,7 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
     from training.evaluation import evaluate_saved
     from training.loop import train
     from training.plan import check_fits, run_plan
+    from training.predict import predict_saved
     from training.stop import Stopped
 
     try:
@@ -144,6 +171,8 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
         if planning["memory_budget"] is not None or planning["json"] is not False:
             raise UsageError("--memory_budget and --json go with --plan True")
         config = resolve_args(args, GIVEN)
+        if config["predict"] is not None:
+            sys.exit(predict_saved(config))
         if config["evaluate"]:
             evaluate_saved(config)
         else:
@@ -190,6 +219,20 @@ def _folder(name, value):
     return os.path.abspath(path)
 
 
+def _paths(value):
+    """--predict's paths as a list of str (fire passes "a,b" as a tuple, "7" as an int)."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, str) and not os.path.exists(value):  # fire keeps "a.jpg,b/" a str
+        values = value.split(",")
+    if not values or any(isinstance(v, bool) or not isinstance(v, (str, int, float)) or v == ""
+                         for v in values):
+        raise UsageError(f"--predict takes image files and folders, such as a.jpg,photos/; "
+                         f"got {value!r}")
+    return [str(v) for v in values]
+
+
 def default_milestones(n_epochs):
     """50% and 75% of n_epochs, as whole epochs (as in the paper)."""
     return sorted({m for m in (n_epochs // 2, n_epochs * 3 // 4) if m > 0})
@@ -216,7 +259,7 @@ def resolve_args(args, given=None):
 
     from data import DATASETS
     from training.architecture import resolve_architecture
-    from training.devices import is_distributed, world_size_from_env
+    from training.devices import default_workers, is_distributed, world_size_from_env
     from training.pretrained import resolve_pretrained
     from training.run_folder import resume_settings
 
@@ -241,7 +284,8 @@ def resolve_args(args, given=None):
     config["data"] = _folder("data", config["data"])
     if config["save"] is None:
         raise UsageError("--save is required: the folder for the run's logs and checkpoints")
-    if config["data"] is None and config["dataset"] != "fake" and not config["evaluate"]:
+    if config["data"] is None and config["dataset"] != "fake" and not config["evaluate"] \
+            and config["predict"] is None:
         raise UsageError(f"--data is required for {config['dataset']}: the folder holding "
                          f"(or receiving) its files")
     if config["image_size"] is None:
@@ -250,6 +294,10 @@ def resolve_args(args, given=None):
     if config["dataset"] in ("cifar10", "cifar100", "svhn") and config["image_size"] != 32:
         raise UsageError(f"--image_size {config['image_size']} does not apply to "
                          f"{config['dataset']}: its images are 32x32")
+    if config["workers"] is None:
+        config["workers"] = default_workers()
+    _integer("workers", config["workers"], 0)
+    config["predict"] = _paths(config["predict"])
     config = resolve_architecture(config)
     config["pretrained"] = resolve_pretrained(config["pretrained"], config["arch"],
                                               config["image_size"])
@@ -285,9 +333,11 @@ def resolve_args(args, given=None):
         raise UsageError("--svhn_extra True applies only to --dataset svhn")
     if config["resume"] and config["evaluate"]:
         raise UsageError(f"choose one of --resume {config['resume']} and --evaluate True")
+    if config["predict"] is not None and (config["resume"] or config["evaluate"]):
+        raise UsageError(f"--predict goes without --resume {config['resume']} and --evaluate")
     world_size = world_size_from_env()
-    if config["evaluate"] and is_distributed():
-        raise UsageError("run --evaluate True without torchrun")
+    if (config["evaluate"] or config["predict"] is not None) and is_distributed():
+        raise UsageError("run --evaluate and --predict without torchrun")
     if config["sync_bn"] and not is_distributed():
         raise UsageError("--sync_bn True needs several processes started by torchrun")
     if config["sync_bn"] and not torch.cuda.is_available():  # DDP refuses SyncBatchNorm on CPU

@@ -11,7 +11,10 @@ import numpy as np
 import scipy.io
 import torch
 
-DATASETS = ("cifar10", "cifar100", "svhn", "fake")
+DATASETS = ("cifar10", "cifar100", "svhn", "folder", "fake")  # folder: data/folder.py
+IN_MEMORY_SIZE = 32  # the image size of CIFAR and SVHN
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 
 # Seconds a download may wait on the network before giving up (connect or stalled read).
 DOWNLOAD_TIMEOUT = 30
@@ -37,7 +40,9 @@ class DataError(Exception):
 
 @dataclass
 class Dataset:
-    """A dataset held in memory: uint8 images (N, 3, 32, 32) and int64 labels, train and test."""
+    """A dataset held in memory: uint8 images (N, 3, H, W) and int64 labels, train and test.
+
+    classes: the class names (label order)."""
 
     name: str
     train_images: torch.Tensor
@@ -48,21 +53,28 @@ class Dataset:
     mean: tuple
     std: tuple
     flip: bool
+    classes: tuple = ()
 
 
 def load_dataset(name, root, svhn_extra=False, download=True, fake_size=(50000, 10000),
-                 image_size=32):
+                 image_size=IN_MEMORY_SIZE):
     """Load dataset `name` (one of DATASETS) from folder `root` and return a Dataset.
 
     Files already in `root` are read without network access and checked for structure, not
     checksums. Missing files are downloaded through torchvision (which verifies checksums) when
     `download` is true. `svhn_extra` appends SVHN's 531,131 extra images to its training set.
-    `fake_size` = (train, test) sizes of the random `fake` dataset, which needs no files;
-    `image_size` its images' height and width (the other datasets are 32x32).
+    `fake_size` = (train, test) sizes of the random `fake` dataset, which needs no files, and
+    `image_size` the size of its square images (CIFAR and SVHN have 32 only). Folder data is
+    read by data.folder.load_folder.
     Raises DataError for missing or malformed files, ValueError for invalid arguments.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "folder":
+        raise ValueError("folder data is read by data.folder.load_folder")
+    if name != "fake" and image_size != IN_MEMORY_SIZE:
+        raise ValueError(f"{name} has {IN_MEMORY_SIZE}x{IN_MEMORY_SIZE} images only, not "
+                         f"{image_size!r}")
     if not isinstance(svhn_extra, bool) or not isinstance(download, bool):
         raise ValueError("svhn_extra and download must be True or False")
     if svhn_extra and name != "svhn":
@@ -72,6 +84,7 @@ def load_dataset(name, root, svhn_extra=False, download=True, fake_size=(50000, 
     if name == "fake":
         train_images, train_labels, test_images, test_labels = _make_fake(fake_size, image_size)
         num_classes, flip = 10, True
+        classes = tuple(str(digit) for digit in range(10))
     elif name == "svhn":
         splits = ["train", "test"] + (["extra"] if svhn_extra else [])
         parts = _read_svhn(Path(root), splits, download)
@@ -79,31 +92,54 @@ def load_dataset(name, root, svhn_extra=False, download=True, fake_size=(50000, 
         train_labels = torch.cat([parts[s][1] for s in splits if s != "test"])
         test_images, test_labels = parts["test"]
         num_classes, flip = 10, False
+        classes = tuple(str(digit) for digit in range(10))
     else:
         train_images, train_labels, test_images, test_labels = _read_cifar(name, Path(root),
                                                                            download)
         num_classes, flip = CIFAR_LAYOUT[name][4], True
+        classes = CIFAR10_CLASSES if name == "cifar10" else _cifar100_classes(Path(root))
     mean, std = channel_stats(train_images)
     return Dataset(name, train_images, train_labels, test_images, test_labels, num_classes,
-                   mean, std, flip)
+                   mean, std, flip, classes)
+
+
+def _cifar100_classes(root):
+    """CIFAR-100's fine label names from its meta file, or the label numbers without one."""
+    try:
+        with open(root / CIFAR_LAYOUT["cifar100"][0] / "meta", "rb") as f:
+            names = _ArrayUnpickler(f, encoding="latin1").load()["fine_label_names"]
+        if len(names) == 100 and all(isinstance(n, (str, bytes)) for n in names):
+            return tuple(n.decode("latin1") if isinstance(n, bytes) else n for n in names)
+    except Exception:  # a missing or odd meta file costs only the names
+        pass
+    return tuple(str(label) for label in range(100))
 
 
 def channel_stats(images):
-    """Per-channel mean and (population) std of uint8 images (N, C, H, W), in [0, 1] units.
+    """Per-channel mean and (population) std of uint8 images (N, C, H, W), in [0, 1] units."""
+    return stats_from_histograms(channel_histograms(images))
 
-    Computed exactly from a 256-bin histogram per channel, so memory stays small."""
+
+def channel_histograms(images):
+    """(C, 256) counts of each value per channel of uint8 images (N, C, H, W): exact
+    statistics in little memory, summed over batches."""
+    return torch.stack([torch.bincount(images[:, channel].reshape(-1), minlength=256)
+                        for channel in range(images.shape[1])])
+
+
+def stats_from_histograms(counts):
+    """(mean, std) per channel, in [0, 1] units, from channel_histograms' counts."""
     values = torch.arange(256, dtype=torch.float64) / 255
     means, stds = [], []
-    for channel in range(images.shape[1]):
-        counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
-        mean = (counts * values).sum() / counts.sum()
-        var = (counts * (values - mean) ** 2).sum() / counts.sum()
+    for channel_counts in counts.double():
+        mean = (channel_counts * values).sum() / channel_counts.sum()
+        var = (channel_counts * (values - mean) ** 2).sum() / channel_counts.sum()
         means.append(mean.item())
         stds.append(var.sqrt().item())
     return tuple(means), tuple(stds)
 
 
-def _make_fake(fake_size, image_size=32):
+def _make_fake(fake_size, image_size=IN_MEMORY_SIZE):
     if (not isinstance(fake_size, (tuple, list)) or len(fake_size) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                        for n in fake_size)):

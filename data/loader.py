@@ -17,18 +17,21 @@ def split_validation(images, labels, valid_size, seed):
     order. valid_size=0 gives empty validation tensors. Raises ValueError unless
     0 <= valid_size < len(images).
     """
-    count = len(images)
-    if len(labels) != count:
-        raise ValueError(f"{len(labels)} labels for {count} images")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    train_index, valid_index = validation_indices(len(images), valid_size, seed)
+    return images[train_index], labels[train_index], images[valid_index], labels[valid_index]
+
+
+def validation_indices(count, valid_size, seed):
+    """(training indices, validation indices) of split_validation, each in increasing order."""
     if not _is_int(valid_size) or not 0 <= valid_size < count:
         raise ValueError(f"valid_size must be an integer from 0 to {count - 1} "
                          f"(the training set has {count} images), got {valid_size!r}")
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    valid_index = order[:valid_size].sort().values
-    train_index = order[valid_size:].sort().values
-    return images[train_index], labels[train_index], images[valid_index], labels[valid_index]
+    return order[valid_size:].sort().values, order[:valid_size].sort().values
 
 
 def crop_flip(images, offsets, flips, padding=PADDING):
@@ -45,6 +48,47 @@ def crop_flip(images, offsets, flips, padding=PADDING):
     pixel = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
     crops = padded.view(batch, channels, -1).gather(2, pixel.expand(batch, channels, -1))
     return crops.view(batch, channels, height, width)
+
+
+def channel_tensors(mean, std, device="cpu"):
+    """mean and std as float32 (C, 1, 1) tensors on device, for normalise."""
+    return tuple(torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+                 for values in (mean, std))
+
+
+def normalise(images, mean, std, out=None):
+    """(x / 255 - mean) / std in float32 of uint8 images, per channel (see channel_tensors).
+    Every loader uses it, so that equal images give bitwise equal inputs whatever the source."""
+    return torch.div(images, 255, out=out).sub_(mean).div_(std)
+
+
+def check_batching(labels, count, channels, batch_size, mean, std, shuffle, augment, flip,
+                   drop_last, generator, rank, world_size):
+    """The argument checks TensorLoader and FolderLoader share; ValueError if one fails."""
+    if (not isinstance(labels, torch.Tensor) or labels.ndim != 1
+            or labels.dtype.is_floating_point or labels.dtype == torch.bool
+            or len(labels) != count):
+        raise ValueError(f"labels must be an integer tensor of {count} labels")
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, values in (("mean", mean), ("std", std)):
+        if (not isinstance(values, (tuple, list)) or len(values) != channels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in values)):
+            raise ValueError(f"{name} must be {channels} numbers, got {values!r}")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"std must be positive, got {std!r}")
+    for name, flag in (("shuffle", shuffle), ("augment", augment), ("flip", flip),
+                       ("drop_last", drop_last)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if (shuffle or augment) and not (isinstance(generator, torch.Generator)
+                                     and generator.device.type == "cpu"):
+        raise ValueError("shuffle and augment need a CPU torch.Generator as generator")
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer from 0 to {world_size - 1}, got {rank!r}")
 
 
 class TensorLoader:
@@ -64,36 +108,12 @@ class TensorLoader:
                  flip=True, generator=None, rank=0, world_size=1, drop_last=False):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 tensor (N, C, H, W)")
-        if (not isinstance(labels, torch.Tensor) or labels.ndim != 1
-                or labels.dtype.is_floating_point or labels.dtype == torch.bool
-                or len(labels) != len(images)):
-            raise ValueError(f"labels must be an integer tensor of {len(images)} labels")
-        if not _is_int(batch_size) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        channels = images.shape[1]
-        for name, values in (("mean", mean), ("std", std)):
-            if (not isinstance(values, (tuple, list)) or len(values) != channels
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                               for v in values)):
-                raise ValueError(f"{name} must be {channels} numbers, got {values!r}")
-        if not all(v > 0 for v in std):
-            raise ValueError(f"std must be positive, got {std!r}")
-        for name, flag in (("shuffle", shuffle), ("augment", augment), ("flip", flip),
-                           ("drop_last", drop_last)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
-        if (shuffle or augment) and not (isinstance(generator, torch.Generator)
-                                         and generator.device.type == "cpu"):
-            raise ValueError("shuffle and augment need a CPU torch.Generator as generator")
-        if not _is_int(world_size) or world_size < 1:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-        if not _is_int(rank) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an integer from 0 to {world_size - 1}, got {rank!r}")
+        check_batching(labels, len(images), images.shape[1], batch_size, mean, std, shuffle,
+                       augment, flip, drop_last, generator, rank, world_size)
         self.device = torch.device(device)
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(self.device, torch.int64)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.mean, self.std = channel_tensors(mean, std, self.device)
         self.batch_size, self.shuffle, self.augment, self.flip = batch_size, shuffle, augment, flip
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self.drop_last = drop_last
@@ -137,5 +157,4 @@ class TensorLoader:
             images = self.images.index_select(0, batch_index)  # much faster than images[index]
             if offsets is not None:
                 images = crop_flip(images, offsets[start:stop], flips[start:stop])
-            inputs = images.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
-            yield inputs, self.labels.index_select(0, batch_index)
+            yield normalise(images, self.mean, self.std), self.labels.index_select(0, batch_index)

@@ -284,7 +284,7 @@ def test_unknown_dataset_and_misplaced_svhn_extra_are_refused(tmp_path):
         load_dataset("mnist", tmp_path)
     with pytest.raises(ValueError, match="svhn_extra"):
         load_dataset("cifar10", tmp_path, svhn_extra=True, download=False)
-    assert DATASETS == ("cifar10", "cifar100", "svhn", "fake")
+    assert DATASETS == ("cifar10", "cifar100", "svhn", "folder", "fake")
 
 
 def numpy_stats(images):

@@ -12,4 +12,5 @@
     build.py       the model, the data loaders and the optimizer a configuration describes
     loop.py        training epochs, evaluation, the whole run
     plan.py        --plan: what each memory mode needs and what fits (models/memory.py)
+    predict.py     --predict: classify image files with a saved run, write predictions.csv
 """

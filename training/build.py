@@ -1,8 +1,11 @@
 """The model, data loaders and optimizer that a run's configuration describes."""
 
+import sys
+
 import torch
 
 from data import TensorLoader, load_dataset, split_validation
+from data.loader import validation_indices
 from models import DenseNet
 
 from .architecture import architecture, describe
@@ -26,17 +29,54 @@ def model_name(config):
     return f"{describe(config)}, {mode}"
 
 
-def read_dataset(config, download):
+def is_pretrained(config):
+    """Whether the run starts from pretrained weights (--pretrained True or a file)."""
+    return config.get("pretrained") not in (False, None)
+
+
+def read_dataset(config, download, report=print):
+    """The dataset of config; folder data uses config's mean and std when it holds them
+    (a saved run's), ImageNet's with pretrained weights, else computes them."""
+    if config["dataset"] == "folder":
+        # imported here: torchvision's transforms take seconds to import, only folders need them
+        from data.folder import load_folder
+        from data.images import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+
+        stats = (config["mean"], config["std"]) if "mean" in config else None
+        if is_pretrained(config):
+            stats = (IMAGENET_MEAN, IMAGENET_STD)
+        resize_size = config.get("resize_size") or eval_resize_size(config["image_size"],
+                                                                     is_pretrained(config))
+        return load_folder(config["data"], config["image_size"], resize_size, stats,
+                           workers=config["workers"], skip_bad=config["skip_bad_images"],
+                           report=report)
     return load_dataset(config["dataset"], config["data"], svhn_extra=config["svhn_extra"],
                         download=download, fake_size=tuple(config["fake_size"]),
                         image_size=config.get("image_size") or 32)
 
 
-def load_data(config, devices):
-    """The dataset on every process; rank 0 reads it first because it may download it."""
-    first = on_all_ranks(lambda: read_dataset(config, config["download"])
+def load_data(config, devices, log=None):
+    """The dataset on every process; rank 0 reads it first because it may download it.
+
+    Records in config what predictions need without the data: class names, image and resize
+    size, mean and std (so config.json and the checkpoints make the run folder self-sufficient).
+    """
+    report = _reporter(devices, log)
+    first = on_all_ranks(lambda: read_dataset(config, config["download"], report)
                          if devices.rank == 0 else None)
-    return on_all_ranks(lambda: first or read_dataset(config, False))
+    dataset = on_all_ranks(lambda: first or read_dataset(config, False, report))
+    config["classes"] = [str(name) for name in dataset.classes] or \
+        [str(label) for label in range(dataset.num_classes)]
+    config["resize_size"] = getattr(dataset, "resize_size", config["image_size"])
+    config["mean"], config["std"] = list(dataset.mean), list(dataset.std)
+    return dataset
+
+
+def _reporter(devices, log):
+    """Where loaders report skipped images: the run's log on rank 0, stderr on the others."""
+    if log is not None and devices.is_main:
+        return log.print
+    return lambda line: print(f"rank {devices.rank}: {line}", file=sys.stderr, flush=True)
 
 
 def check_split(config, dataset, world_size):
@@ -54,8 +94,10 @@ def check_split(config, dataset, world_size):
                          f"{dataset.name} has {total}")
 
 
-def make_loaders(config, dataset, devices, generator):
+def make_loaders(config, dataset, devices, generator, log=None):
     """Train (this process's shard), validation (None when valid_size is 0) and test loaders."""
+    if config["dataset"] == "folder":
+        return _folder_loaders(config, dataset, devices, generator, _reporter(devices, log))
     check_split(config, dataset, devices.world_size)
     remaining = len(dataset.train_images) - config["valid_size"]
     train_images, train_labels, valid_images, valid_labels = split_validation(
@@ -73,6 +115,99 @@ def make_loaders(config, dataset, devices, generator):
         valid_loader = TensorLoader(valid_images, valid_labels, config["batch_size"], **common)
     test_loader = TensorLoader(dataset.test_images, dataset.test_labels, config["batch_size"],
                                **common)
+    return train_loader, valid_loader, test_loader
+
+
+TRAINING_HINT = ("; the run stopped with its last checkpoint kept: remove or replace the file (or "
+                 "pass --skip_bad_images True), then continue with --resume True")
+
+
+def folder_parts(config, dataset):
+    """{"train", "valid", "test"}: (paths, labels) of folder data, "valid" None without a
+    validation set. Validation: val/, else --valid_size images of train/ (seeded), none with
+    --valid_size 0. Test: test/, else val/, else the validation split, else the training set."""
+    train = (dataset.train_images, dataset.train_labels)
+    val = None if dataset.valid_images is None else (dataset.valid_images, dataset.valid_labels)
+    valid = val if config["valid_size"] else None
+    if val is None and config["valid_size"]:
+        train_index, valid_index = validation_indices(len(train[0]), config["valid_size"],
+                                                      config["seed"])
+        valid = ([train[0][i] for i in valid_index.tolist()], train[1][valid_index])
+        train = ([train[0][i] for i in train_index.tolist()], train[1][train_index])
+    test = (dataset.test_images, dataset.test_labels)
+    if dataset.test_images is None:
+        test = val or valid or train
+    return {"train": train, "valid": valid, "test": test}
+
+
+def data_notes(config, dataset):
+    """Start-up lines about the data beyond the split sizes: what was ignored, what the
+    validation and test figures are measured on, the transforms."""
+    if config["dataset"] != "folder":
+        return []
+    held_out = f"{config['valid_size']:,} images held out of train/"
+    if not config["valid_size"]:
+        valid = "none (--valid_size 0)"
+    else:
+        valid = "val/" if dataset.valid_images is not None else held_out
+    if dataset.test_images is not None:
+        test = "test/"
+    elif dataset.valid_images is not None:
+        test = "no test/ folder, so the test figures are measured on val/"
+    elif config["valid_size"]:
+        test = f"no test/ or val/ folder, so the test figures are measured on the {held_out}"
+    else:
+        test = ("no test/ or val/ folder and no validation, so the test figures are measured "
+                "on the training images (evaluation transform)")
+    size, resize = dataset.image_size, dataset.resize_size
+    training = "random-resized crops and flips" if config["augment"] else \
+        "the evaluation transform (--augment False)"
+    numbers = ["(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+               for values in (dataset.mean, dataset.std)]
+    return [*dataset.notes,
+            f"splits   {len(dataset.classes)} classes from train/; validation: {valid}; test: "
+            f"{test}",
+            f"images   {size}x{size}: training takes {training}; evaluation resizes to {resize} "
+            f"and takes the centre; mean {numbers[0]}, std {numbers[1]} ({dataset.stats})"]
+
+
+def make_test_loader(config, dataset, device, report=print, hint=""):
+    """The test set's loader of a saved run's configuration (--evaluate)."""
+    if config["dataset"] != "folder":
+        return TensorLoader(dataset.test_images, dataset.test_labels, config["batch_size"],
+                            dataset.mean, dataset.std, device)
+    return _folder_loader(config, dataset, folder_parts(config, dataset)["test"],
+                          config["batch_size"], device, report, hint)
+
+
+def _folder_loader(config, dataset, part, batch_size, device, report, hint, **kwargs):
+    from data.folder import FolderLoader  # see read_dataset
+
+    return FolderLoader(part[0], part[1], batch_size, dataset.mean, dataset.std, device,
+                        dataset.image_size, dataset.resize_size, workers=config["workers"],
+                        skip_bad=config["skip_bad_images"], report=report, hint=hint,
+                        skipped=dataset.skipped, **kwargs)
+
+
+def _folder_loaders(config, dataset, devices, generator, report):
+    if dataset.valid_images is None:
+        check_split(config, dataset, devices.world_size)
+    else:
+        check_split({**config, "valid_size": 0}, dataset, devices.world_size)
+    parts = folder_parts(config, dataset)
+    batch = config["batch_size"] // devices.world_size
+    remaining = len(parts["train"][0])
+    train_loader = _folder_loader(
+        config, dataset, parts["train"], batch, devices.device, report, TRAINING_HINT,
+        shuffle=True, augment=config["augment"], flip=dataset.flip, generator=generator,
+        rank=devices.rank, world_size=devices.world_size,
+        drop_last=(remaining // devices.world_size) % batch == 1)
+    valid_loader = None
+    if parts["valid"] is not None:
+        valid_loader = _folder_loader(config, dataset, parts["valid"], config["batch_size"],
+                                      devices.device, report, TRAINING_HINT)
+    test_loader = _folder_loader(config, dataset, parts["test"], config["batch_size"],
+                                 devices.device, report, TRAINING_HINT)
     return train_loader, valid_loader, test_loader
 
 

@@ -69,6 +69,16 @@ def lost_peer(error):
                     f"torchrun restarts all processes if --max-restarts allows")
 
 
+def default_workers():
+    """Image-decoding processes per training process: the CPU cores this process may use,
+    shared among torchrun's processes on this machine, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def make_deterministic():
     """Bitwise repeatable GPU runs: deterministic kernels only (somewhat slower).
 

@@ -5,9 +5,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from data import TensorLoader
-
-from .build import build_model, read_dataset
+from .build import build_model, make_test_loader, read_dataset
 from .devices import Devices, autocast
 from .errors import UsageError, one_line
 from .files import read_torch
@@ -50,29 +48,39 @@ def summarize(run):
     run.log.print(f"final test error {test_error:.4f} (loss {test_loss:.4f}) of the {which}")
 
 
-def evaluate_saved(config):
-    """--evaluate: the saved model's test error, with the configuration it was trained with."""
-    save = config["save"]
+def read_saved(save, what):
+    """(path, contents) of --save's model_best.pt, else its checkpoint.pt."""
     path = os.path.join(save, "model_best.pt")
     if not os.path.exists(path):
         path = os.path.join(save, "checkpoint.pt")
     if not os.path.exists(path):
-        raise UsageError(f"nothing to evaluate in {save}: no model_best.pt or checkpoint.pt")
-    saved = read_torch(path, {"model", "epoch", "config"})
-    run = {**saved["config"], "data": config["data"] or saved["config"]["data"]}
-    devices = Devices()
-    dataset = read_dataset(run, config["download"])
-    model = build_model(run, dataset.num_classes)
+        raise UsageError(f"nothing to {what} in {save}: no model_best.pt or checkpoint.pt")
+    return path, read_torch(path, {"model", "epoch", "config"})
+
+
+def saved_model(path, saved, run, num_classes, device):
+    """The saved model on device, in evaluation mode; UsageError if it does not fit run."""
+    model = build_model(run, num_classes)
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as error:
         raise UsageError(f"{path} does not fit the model its configuration describes "
                          f"({one_line(error)[:300]})") from None
     memory_format = torch.channels_last if run["channels_last"] else torch.preserve_format
-    model.to(devices.device, memory_format=memory_format)
-    loader = TensorLoader(dataset.test_images, dataset.test_labels, run["batch_size"],
-                          dataset.mean, dataset.std, devices.device)
+    return model.to(device, memory_format=memory_format).eval()
+
+
+def evaluate_saved(config):
+    """--evaluate: the saved model's test error, with the configuration it was trained with."""
+    path, saved = read_saved(config["save"], "evaluate")
+    run = {"image_size": 32, **saved["config"], "data": config["data"] or saved["config"]["data"],
+           "workers": config["workers"], "skip_bad_images": config["skip_bad_images"]}
+    devices = Devices()
+    dataset = read_dataset(run, config["download"])
+    model = saved_model(path, saved, run, dataset.num_classes, devices.device)
+    loader = make_test_loader(run, dataset, devices.device,
+                              hint="; remove or replace it, or pass --skip_bad_images True")
     test_loss, test_error = evaluate(model, loader, run, devices.device)
     print(f"test error {test_error:.4f} (loss {test_loss:.4f}) of {path} (epoch "
-          f"{saved['epoch']}) on the {len(dataset.test_labels)} {run['dataset']} test images",
+          f"{saved['epoch']}) on the {len(loader.images)} {run['dataset']} test images",
           flush=True)

@@ -21,7 +21,15 @@ import torch.nn as nn
 
 from data import DataError
 
-from .build import build_model, load_data, make_loaders, make_optimizer, make_scheduler, model_name
+from .build import (
+    build_model,
+    data_notes,
+    load_data,
+    make_loaders,
+    make_optimizer,
+    make_scheduler,
+    model_name,
+)
 from .checkpoint import SUMS, CheckpointWriter, checkpoint_state, process_rng, restore
 from .devices import (
     Devices,
@@ -88,9 +96,9 @@ class Run:
 
         torch.manual_seed(rank_seed(config["seed"], devices.rank))  # dropout
         self.generator = torch.Generator().manual_seed(config["seed"] + 1)  # order, augmentation
-        dataset = load_data(config, devices)
+        dataset = load_data(config, devices, log)
         self.train_loader, self.valid_loader, self.test_loader = on_all_ranks(
-            lambda: make_loaders(config, dataset, devices, self.generator))
+            lambda: make_loaders(config, dataset, devices, self.generator, log))
         self.raw_model = build_model(config, dataset.num_classes)
         weights = None  # a resumed run's weights come from its checkpoint
         if config.get("pretrained") and checkpoint is None:
@@ -124,9 +132,11 @@ class Run:
         if weights:
             log.print(f"weights  {weights}")
         valid = len(self.valid_loader.images) if self.valid_loader else 0
-        log.print(f"data     {dataset.name}: {len(dataset.train_images) - valid:,} training, "
-                  f"{valid:,} validation, {len(dataset.test_images):,} test images; batch "
+        log.print(f"data     {dataset.name}: {len(self.train_loader.images):,} training, "
+                  f"{valid:,} validation, {len(self.test_loader.images):,} test images; batch "
                   f"{config['batch_size']}, {len(self.train_loader)} steps per epoch")
+        for line in data_notes(config, dataset):
+            log.print(line)
         milestones = config["milestones"]
         drops = (f"x{config['gamma']:g} after epoch{'s' if len(milestones) > 1 else ''} "
                  f"{', '.join(map(str, milestones))}" if milestones else "constant")

@@ -26,9 +26,10 @@ CSV_COLUMNS = ["epoch", "train_loss", "train_error", "valid_loss", "valid_error"
 RUN_FILES = ("config.json", "results.csv", "checkpoint.pt")
 # Arguments that may change on --resume: they change how fast, not what, the run computes.
 FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every",
-                  "deterministic", "compile", "cuda_graph", "checkpoint_every"}
+                  "deterministic", "compile", "cuda_graph", "checkpoint_every", "workers",
+                  "skip_bad_images", "predict"}
 # Arguments a resumed run never takes from the run's stored configuration.
-NOT_REMEMBERED = {"save", "resume", "evaluate"}
+NOT_REMEMBERED = {"save", "resume", "evaluate", "predict"}
 
 
 def check_save_folder(save):
