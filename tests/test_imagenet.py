@@ -13,9 +13,11 @@ import pytest
 import torch
 import torchvision
 from test_demo import ENV, ROOT, assert_ok, read_rows
+from test_folder import write_image
 
 import demo
 from data import load_dataset
+from data.images import IMAGENET_MEAN, IMAGENET_STD
 from models import ARCHITECTURES, DenseNet, imagenet_config, memory
 from training.build import build_model, model_name
 from training.errors import UsageError
@@ -333,6 +335,43 @@ def test_pretrained_densenet121_trains_at_64_px_and_resumes_without_the_weights(
     assert_ok(result)
     assert "already trained its 2 epochs; nothing was changed" in result.stdout
     assert "weights" not in result.stdout and not empty.exists()
+
+
+def test_pretrained_densenet121_on_a_5_class_folder_at_64_px_in_both_memory_modes(
+        tmp_path, torch_home):
+    data = tmp_path / "data"
+    tints = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    for split, count in (("train", 6), ("test", 2)):
+        for c, tint in enumerate(tints):
+            for i in range(count):
+                write_image(data / split / f"class{c}" / f"{i}.{('jpg', 'png')[i % 2]}",
+                            (72 + 8 * i, 96), seed=100 * c + i, tint=tint)
+    first_steps = {}
+    for efficient in (False, True):
+        save = tmp_path / f"run-{efficient}"
+        result = run_demo(["--dataset", "folder", "--data", data, "--image_size", 64, "--arch",
+                           "densenet121", "--pretrained", "True", "--efficient", efficient,
+                           "--batch_size", 10, "--lr", 0.01, "--valid_size", 0, "--n_epochs", 2,
+                           "--seed", 3, "--workers", 1, "--log_every", 0, "--save", save],
+                          env={**ENV, **OFFLINE, "TORCH_HOME": str(torch_home)})
+        assert_ok(result)
+        lines = result.stdout.splitlines()
+        assert (f"weights  torchvision's DenseNet121_Weights.IMAGENET1K_V1 from {torch_home}/hub/"
+                f"checkpoints/{CACHED_NAME}: 604 tensors loaded (all but the classifier); "
+                f"classifier replaced: 1000 classes in the file, 5 here (newly initialised)"
+                in lines), result.stdout
+        assert "evaluation resizes to 73 and takes the centre" in result.stdout  # 64 * 8/7
+        assert "(ImageNet's)" in result.stdout
+        config = json.loads((save / "config.json").read_text())
+        assert config["classes"] == [f"class{c}" for c in range(5)]
+        assert (config["mean"], config["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+        losses = [float(row["train_loss"]) for row in read_rows(save)]
+        assert len(losses) == 2 and losses[1] < losses[0], losses  # it learns
+        first_steps[efficient] = next(float(line.split("| loss ")[1].split()[0])
+                                      for line in lines if line.startswith("epoch 1/2 step 1/3"))
+    # The same weights and inputs in both modes: the same first step, up to float rounding
+    # (later steps drift apart: a fine-tuned BatchNorm network on batches of 10 amplifies it).
+    assert first_steps[True] == pytest.approx(first_steps[False], abs=2e-4), first_steps
 
 
 # ---------------------------------------------------------------------------- planner
