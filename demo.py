@@ -43,9 +43,9 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
     Own images: --dataset folder --data DIR, with DIR/train/<class>/<images> (JPEG, PNG, WebP,
     BMP, GIF, TIFF, ...; any size, converted to RGB), optionally DIR/val/ and DIR/test/ alike.
     Files that are not images are ignored and counted in the start-up block. An image file
-    that cannot be read stops the run with one line naming it (the last checkpoint kept: fix
-    or remove the file, then --resume True), unless --skip_bad_images True, which leaves such
-    images out and reports each.
+    that cannot be read stops the run with one line naming it (the last checkpoint kept: replace
+    the file, then --resume True), unless --skip_bad_images True, which leaves such images out
+    and reports each. A resumed run refuses training data whose classes or count changed.
 
     Uses CUDA when available (every visible GPU through DataParallel), else the CPU; under
     torchrun, DistributedDataParallel with one process per GPU. Writes to --save: config.json,
@@ -178,9 +178,13 @@ def main(data=None, save=None, dataset="cifar10", image_size=None, arch=None, de
         else:
             check_fits(config)
             train(config)
-    except (UsageError, DataError) as error:
+    except UsageError as error:  # the same on every process (training.devices.on_all_ranks)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as error:  # this process's own, such as an image of its shard
+        rank = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_rank() else ""
+        print(f"error: {rank}{one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Stopped as stopped:
         sys.exit(stopped.exit_status)

@@ -59,8 +59,8 @@ def mean_file_size(root):
 
 
 def write_jpeg_folder(root, height, width, count, classes=10, seed=0):
-    """count JPEGs (quality 90) in root/<class>/; returns their mean size in bytes. A few
-    distinct pictures are reused under different names, as writing them is slow."""
+    """count JPEGs (quality 90) in root/<class>/. A few distinct pictures are reused under
+    different names, as writing them is slow."""
     rng = np.random.default_rng(seed)
     pictures = []
     for _ in range(min(count, 64)):
@@ -72,7 +72,6 @@ def write_jpeg_folder(root, height, width, count, classes=10, seed=0):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as file:
             file.write(pictures[i % len(pictures)])
-    return statistics.mean(len(p) for p in pictures[:count])
 
 
 class _DecodeOnly:

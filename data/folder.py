@@ -438,7 +438,10 @@ class FolderLoader:
                 indices = task[0]
                 batch_index = torch.tensor(indices, device=self.device)
                 if failures:
-                    images, batch_index = self._without(failures, indices, images, batch_index)
+                    kept = self._without(failures, indices, images, batch_index)
+                    if kept is None:
+                        continue
+                    images, batch_index = kept
                 if images.dtype == torch.uint8:
                     images = normalise(images.to(self.device, non_blocking=True), self.mean,
                                        self.std)
@@ -447,7 +450,8 @@ class FolderLoader:
             loaded.close()  # its workers end now, not when a traceback lets go of it
 
     def _without(self, failures, indices, images, batch_index):
-        """The batch without the images in failures, or DataError for the first of them."""
+        """The batch without the images in failures (None: no image left), or DataError for the
+        first of them."""
         slot, reason = failures[0]
         if not self.skip_bad:
             raise DataError(f"cannot read the image {self.images[indices[slot]]}: {reason}"
@@ -458,7 +462,9 @@ class FolderLoader:
                 self.skipped[path] = reason
                 self.report(f"skipped  {path}: {reason} ({len(self.skipped):,} unreadable "
                             f"images skipped so far)")
-        if len(failures) == len(indices):
+        if len(failures) == len(indices) and not self.shuffle:
+            return None  # evaluation and prediction go on with the next batch
+        if len(failures) == len(indices):  # a training step needs a batch
             raise DataError(f"none of the {len(indices)} images of a batch could be read (such "
                             f"as {self.images[indices[0]]}: {failures[0][1]}): check the data")
         failed = {slot for slot, _ in failures}

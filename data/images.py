@@ -73,7 +73,8 @@ def decode(data):
     if not data:
         raise ImageError("empty file (0 bytes)")
     kind = _kind(data)
-    if kind is None or (kind == "WebP" and data[12:16] == b"VP8X" and data[20] & 0x08):
+    if kind is None or (kind == "WebP" and data[12:16] == b"VP8X" and len(data) > 20
+                            and data[20] & 0x08):
         return _decode_with_pil(data)  # torchvision ignores a WebP's EXIF orientation
     size = _header_size(kind, data)
     if size is not None and size[0] * size[1] > MAX_PIXELS:

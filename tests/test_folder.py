@@ -422,6 +422,23 @@ def test_batches_are_the_same_for_any_number_of_workers_and_after_a_skip(small_f
     assert not torch.equal(other[0][0], reference[0][0])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_batches_travel_as_uint8_and_equal_the_cpus(small_folder):
+    # The GPU path: workers send uint8 through pinned memory, normalised on the GPU.
+    paths, labels = paths_and_labels(small_folder)
+    batches = {}
+    for device in ("cpu", "cuda"):
+        loader = FolderLoader(paths, labels, 8, MEAN, STD, device, 24, 27, shuffle=True,
+                              augment=True, generator=torch.Generator().manual_seed(5), workers=2)
+        assert (loader.reader.normalise is None) == (device == "cuda")
+        batches[device] = epoch(loader)
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(batches["cpu"], batches["cuda"], strict=True):
+        assert x_gpu.device.type == y_gpu.device.type == "cuda" and x_gpu.dtype == torch.float32
+        torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=0, atol=1e-6)
+        assert torch.equal(y_gpu.cpu(), y_cpu)
+
+
 def test_loading_leaves_torchs_global_random_state_alone(small_folder):
     state = torch.get_rng_state()
     epoch(folder_loader(small_folder, workers=2))

@@ -27,6 +27,7 @@ from test_demo import (
     without_timing,
 )
 from test_folder import BASE, ROTATED, encode, photo, write_folder, write_image
+from test_restart import TORCHRUN_ENV, torchrun_command
 from test_run_control import start, wait_for
 
 from training.build import make_test_loader, read_dataset
@@ -181,6 +182,10 @@ def test_predict_reports_each_bad_path_and_file_in_one_line(reference_run, pets,
                                                                    "001.png")]
     assert "1 image classified" in result.stdout
     assert "3 paths or files could not be read" in result.stdout
+    # A batch with no readable image (here the only one) is passed over, not an error.
+    result = run_demo(["--save", save, "--predict", tmp_path / "broken.jpg", "--workers", "0"])
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert read_predictions(save) == [] and "0 images classified" in result.stdout
 
 
 # ---------------------------------------------------------------------------- bad data
@@ -241,6 +246,48 @@ def test_an_unreadable_image_stops_the_run_then_resume_skips_it(odd_files, tmp_p
     assert json.loads((save / "summary.json").read_text())["dataset"] == "folder"
 
 
+def test_a_resumed_run_refuses_training_data_that_changed(pets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(pets, data)
+    save = tmp_path / "run"
+    args = folder_args(data, save, n_epochs=1, workers=0)
+    assert_ok(run_demo(args))
+    config = json.loads((save / "config.json").read_text())
+    assert config["train_images"] == 120 and config["classes"] == ["cat", "dog", "fox"]
+    more = [*args[:args.index("--n_epochs") + 1], "2", *args[args.index("--n_epochs") + 2:],
+            "--resume", "True"]
+    shutil.copy(data / "train" / "cat" / "000.jpg", data / "train" / "cat" / "extra.jpg")
+    assert_usage_error(run_demo(more), f"the data changed since the run in {save} started: "
+                       f"120 training images then, 121 now; restore it, or start a new run")
+    (data / "train" / "wolf").mkdir()
+    (data / "train" / "cat" / "extra.jpg").rename(data / "train" / "wolf" / "extra.jpg")
+    assert_usage_error(run_demo(more), "classes wolf new, none gone")
+    shutil.rmtree(data / "train" / "wolf")
+    resumed = run_demo(more)
+    assert_ok(resumed)
+    assert "(computed from" not in resumed.stdout  # the stored mean and std, not measured again
+    assert [row["epoch"] for row in read_rows(save)] == ["1", "2"]
+
+
+def test_under_torchrun_an_unreadable_image_is_named_by_the_process_reading_it(tmp_path):
+    # 1,001 training images: mean and std are measured on 1,000 of them, which leave out the
+    # last; it is unreadable, and the seed puts it into rank 1's share of the first epoch.
+    data = write_folder(tmp_path / "data", {"train": {"cat": 501, "dog": 500}})
+    bad = data / "train" / "dog" / "499.jpg"
+    bad.write_text("not an image")
+    seed = next(seed for seed in range(100) if (position := torch.randperm(
+        1001, generator=torch.Generator().manual_seed(seed + 1)).tolist().index(1000)) < 1000
+        and position % 2 == 1)
+    args = folder_args(data, tmp_path / "run", image_size=16, batch_size=32, valid_size=0,
+                       n_epochs=1, seed=seed, workers=1)
+    result = subprocess.run(torchrun_command(args), cwd=ROOT, env=TORCHRUN_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert f"error: rank 1: cannot read the image {bad}: not an image file (unknown format); " \
+        f"the run stopped with its last checkpoint kept" in "\n".join(lines), result.stderr
+
+
 def test_a_folder_without_train_is_refused_in_one_line(tmp_path):
     write_folder(tmp_path / "data", {"val": {"cat": 2}})
     save = tmp_path / "run"
@@ -291,8 +338,8 @@ def write_cifar_copies(root, per_batch, test_count):
     return root
 
 
-def train_three_ways(root):
-    """DenseNet-BC-40 for 3 epochs on the pickles and on both folders, the three runs at once.
+def train_three_ways(root, kinds=("pickle", "png", "jpg")):
+    """DenseNet-BC-40 for 3 epochs on the pickles and on the folders of kinds, all at once.
 
     Without augmentation: the two paths augment differently by design (zero-pad and crop
     against random-resized crops), while decoding, labels and normalisation must agree. Batch
@@ -310,7 +357,8 @@ def train_three_ways(root):
     processes = {kind: subprocess.Popen(
         [sys.executable, str(ROOT / "demo.py"), *map(str, command), *common, "--save",
          str(root / f"run-{kind}")], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for kind, command in commands.items()}
+        stderr=subprocess.STDOUT, text=True) for kind, command in commands.items()
+        if kind in kinds}
     errors = {}
     for kind, process in processes.items():
         output, _ = process.communicate(timeout=3600)
@@ -326,7 +374,7 @@ def cifar_subset_runs(tmp_path_factory):
         pytest.skip(f"{CIFAR_SUBSET} is absent")
     root = tmp_path_factory.mktemp("cifar")
     write_cifar_copies(root, 120, 300)
-    errors = train_three_ways(root)
+    errors = train_three_ways(root, ("pickle", "png"))  # the JPEGs: on the pickle run's model
     print(f"test errors after 3 epochs: {errors}")
     return root, errors
 
@@ -352,11 +400,9 @@ def test_cifar_subset_as_png_and_jpeg_folders_learns_as_the_pickles_do(cifar_sub
     assert len(learned["pickle"]) == 3 and learned["png"] == learned["pickle"]
     # JPEG changes pixels by a few levels, and 57 steps on 600 images amplify any change into
     # test errors up to 0.08 apart (as a 1e-7 difference of the mean did): the decoding is
-    # compared on one model, the pickle run's, on the JPEG and on the PNG test images.
-    assert prediction_error(root / "run-pickle", root / "png" / "test") == errors["pickle"]
+    # compared on one model, the pickle run's, on the JPEG test images (and the PNG ones: below).
     jpeg_error = prediction_error(root / "run-pickle", root / "jpg" / "test")
     assert abs(jpeg_error - errors["pickle"]) <= 0.03, (jpeg_error, errors)
-    assert errors["jpg"] < 0.85, errors  # and a run on the JPEGs learns
 
 
 @pytest.mark.long
@@ -374,7 +420,7 @@ def test_the_whole_cifar_subset_as_folders_learns_as_the_pickles_do(tmp_path):
 
 
 def test_predict_with_a_cifar_run_on_32_px_images(cifar_subset_runs):
-    root, _ = cifar_subset_runs
+    root, errors = cifar_subset_runs
     save = root / "run-pickle"
     result = run_demo(["--save", save, "--predict", root / "png" / "test", "--workers", "1"])
     assert_ok(result)
@@ -398,3 +444,5 @@ def test_predict_with_a_cifar_run_on_32_px_images(cifar_subset_runs):
         assert Path(row["file"]).parent.name == names[label]
         assert row["class"] == names[probabilities.argmax()]
         assert float(row["probability"]) == pytest.approx(probabilities.max().item(), abs=1e-5)
+    wrong = sum(Path(row["file"]).parent.name != row["class"] for row in rows)
+    assert wrong / len(rows) == errors["pickle"]  # the run's own test error

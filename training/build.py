@@ -65,11 +65,26 @@ def load_data(config, devices, log=None):
     first = on_all_ranks(lambda: read_dataset(config, config["download"], report)
                          if devices.rank == 0 else None)
     dataset = on_all_ranks(lambda: first or read_dataset(config, False, report))
-    config["classes"] = [str(name) for name in dataset.classes] or \
-        [str(label) for label in range(dataset.num_classes)]
+    found = {"classes": [str(name) for name in dataset.classes] or
+             [str(label) for label in range(dataset.num_classes)],
+             "train_images": len(dataset.train_images)}
+    for key, value in found.items():  # a resumed run's data must be the data it started on
+        if key in config and config[key] != value:
+            raise UsageError(f"the data changed since the run in {config['save']} started: "
+                             f"{_change(key, config[key], value)}; restore it, or start a new "
+                             f"run (another --save)")
+    config.update(found)
     config["resize_size"] = getattr(dataset, "resize_size", config["image_size"])
     config["mean"], config["std"] = list(dataset.mean), list(dataset.std)
     return dataset
+
+
+def _change(key, before, now):
+    if key == "train_images":
+        return f"{before:,} training images then, {now:,} now"
+    gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+    return (f"classes {before} then, {now} now" if not gone and not new else
+            f"classes {', '.join(new) or 'none'} new, {', '.join(gone) or 'none'} gone")
 
 
 def _reporter(devices, log):
@@ -118,8 +133,9 @@ def make_loaders(config, dataset, devices, generator, log=None):
     return train_loader, valid_loader, test_loader
 
 
-TRAINING_HINT = ("; the run stopped with its last checkpoint kept: remove or replace the file (or "
-                 "pass --skip_bad_images True), then continue with --resume True")
+TRAINING_HINT = ("; the run stopped with its last checkpoint kept: replace the file with a "
+                 "readable one, then continue with --resume True, or continue with --resume "
+                 "True --skip_bad_images True (removing the file would change the run's data)")
 
 
 def folder_parts(config, dataset):

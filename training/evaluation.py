@@ -5,6 +5,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from data import DataError
+
 from .build import build_model, make_test_loader, read_dataset
 from .devices import Devices, autocast
 from .errors import UsageError, one_line
@@ -26,6 +28,8 @@ def evaluate(model, loader, config, device):
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         wrong += (logits.argmax(1) != targets).sum()
         count += len(targets)
+    if count == 0:  # every image skipped as unreadable (--skip_bad_images)
+        raise DataError("none of the images to evaluate on could be read: check the data")
     return loss_sum.item() / count, wrong.item() / count
 
 
@@ -55,7 +59,9 @@ def read_saved(save, what):
         path = os.path.join(save, "checkpoint.pt")
     if not os.path.exists(path):
         raise UsageError(f"nothing to {what} in {save}: no model_best.pt or checkpoint.pt")
-    return path, read_torch(path, {"model", "epoch", "config"})
+    saved = read_torch(path, {"model", "epoch", "config"})
+    saved["config"].setdefault("image_size", 32)  # runs from before --image_size
+    return path, saved
 
 
 def saved_model(path, saved, run, num_classes, device):
@@ -73,7 +79,7 @@ def saved_model(path, saved, run, num_classes, device):
 def evaluate_saved(config):
     """--evaluate: the saved model's test error, with the configuration it was trained with."""
     path, saved = read_saved(config["save"], "evaluate")
-    run = {"image_size": 32, **saved["config"], "data": config["data"] or saved["config"]["data"],
+    run = {**saved["config"], "data": config["data"] or saved["config"]["data"],
            "workers": config["workers"], "skip_bad_images": config["skip_bad_images"]}
     devices = Devices()
     dataset = read_dataset(run, config["download"])

@@ -14,9 +14,9 @@ from .devices import Devices, autocast
 from .errors import UsageError, one_line
 from .evaluation import read_saved, saved_model
 from .files import write_atomically
+from .plan import NUM_CLASSES
 
 TOP = 5
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "fake": 10}  # runs without "classes"
 
 
 def predict_saved(config):
@@ -29,7 +29,7 @@ def predict_saved(config):
     from data.folder import FolderLoader
 
     path, saved = read_saved(config["save"], "predict with")
-    run = {"image_size": 32, **saved["config"]}
+    run = saved["config"]
     files, problems = collect_images(config["predict"])
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr, flush=True)

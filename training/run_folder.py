@@ -27,9 +27,12 @@ RUN_FILES = ("config.json", "results.csv", "checkpoint.pt")
 # Arguments that may change on --resume: they change how fast, not what, the run computes.
 FREE_ON_RESUME = {"data", "save", "resume", "evaluate", "download", "n_epochs", "log_every",
                   "deterministic", "compile", "cuda_graph", "checkpoint_every", "workers",
-                  "skip_bad_images", "predict"}
-# Arguments a resumed run never takes from the run's stored configuration.
-NOT_REMEMBERED = {"save", "resume", "evaluate", "predict"}
+                  "skip_bad_images"}
+# Arguments a resumed run never takes from the run's stored configuration (--workers: the
+# default is this machine's cores, and any number gives the same batches).
+NOT_REMEMBERED = {"save", "resume", "evaluate", "predict", "workers"}
+# What a run found in its data (training.build.load_data); a resumed run keeps these.
+DATA_FACTS = ("classes", "train_images", "resize_size", "mean", "std")
 
 
 def check_save_folder(save):
@@ -155,7 +158,7 @@ class RunFolder:
         if different:
             raise UsageError(f"cannot resume the run in {save} with other settings: "
                              f"{'; '.join(different)}")
-        return checkpoint, config
+        return checkpoint, {**config, **{key: stored[key] for key in DATA_FACTS if key in stored}}
 
     def finished(self, checkpoint, config):
         """Whether the run trained all its epochs and wrote its summary: nothing left to do."""
