@@ -40,7 +40,7 @@ from data.images import (
     read_image,
     train_transform,
 )
-from data.loader import _is_int, channel_tensors, check_batching, normalise
+from data.loader import ShardedEpochs, _is_int, channel_tensors, check_batching, normalise
 
 SPLITS = ("train", "val", "test")
 STATS_IMAGES = 1000  # training images sampled (evenly spaced) for the mean and std
@@ -338,7 +338,7 @@ class BatchReader:
         return batch, failures
 
 
-class FolderLoader:
+class FolderLoader(ShardedEpochs):
     """Batches (inputs, targets) of image files, decoded by `workers` processes (0: here).
 
     Same arguments and guarantees as TensorLoader, plus: paths instead of a uint8 tensor,
@@ -372,26 +372,13 @@ class FolderLoader:
                                   (mean, std) if self.device.type == "cpu" else None)
         self.skipped = {} if skipped is None else skipped
 
-    def __len__(self):
-        if self.drop_last:
-            return self.per_rank // self.batch_size
-        return -(-self.per_rank // self.batch_size)
-
-    def __iter__(self):
-        return self.epoch()
-
     def epoch(self, skip=0):
         """An epoch's batches after the first `skip` (see TensorLoader.epoch)."""
-        if not _is_int(skip) or not 0 <= skip <= len(self):
-            raise ValueError(f"skip must be an integer from 0 to {len(self)}, got {skip!r}")
-        count = len(self.images)
-        order = torch.randperm(count, generator=self.generator) if self.shuffle \
-            else torch.arange(count)
-        positions = torch.arange(self.rank, self.per_rank * self.world_size, self.world_size)
-        index = order[positions].tolist()
+        positions, index = self._order(skip)
+        index = index.tolist()
         seeds = None
         if self.augment:
-            seeds = torch.randint(0, 2**63 - 1, (count,), generator=self.generator)
+            seeds = torch.randint(0, 2**63 - 1, (len(self.images),), generator=self.generator)
             seeds = seeds[positions].tolist()
         tasks = []
         for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):

@@ -59,7 +59,8 @@ def channel_tensors(mean, std, device="cpu"):
 def normalise(images, mean, std, out=None):
     """(x / 255 - mean) / std in float32 of uint8 images, per channel (see channel_tensors).
     Every loader uses it, so that equal images give bitwise equal inputs whatever the source."""
-    return torch.div(images, 255, out=out).sub_(mean).div_(std)
+    inputs = images.to(torch.float32) if out is None else out.copy_(images)
+    return inputs.div_(255).sub_(mean).div_(std)  # in place: faster than torch.div on uint8
 
 
 def check_batching(labels, count, channels, batch_size, mean, std, shuffle, augment, flip,
@@ -91,7 +92,35 @@ def check_batching(labels, count, channels, batch_size, mean, std, shuffle, augm
         raise ValueError(f"rank must be an integer from 0 to {world_size - 1}, got {rank!r}")
 
 
-class TensorLoader:
+class ShardedEpochs:
+    """What every loader shares: this rank's number of batches, and an epoch's image order.
+
+    Subclasses set images, batch_size, shuffle, generator, rank, world_size, drop_last and
+    per_rank (len(images) // world_size), and define epoch(skip)."""
+
+    def __len__(self):
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
+
+    def __iter__(self):
+        return self.epoch()
+
+    def _order(self, skip):
+        """(positions, indices): this rank's positions in the epoch's order and the images
+        there. The permutation (shuffle) is the epoch's first draw from the generator."""
+        if not _is_int(skip) or not 0 <= skip <= len(self):
+            raise ValueError(f"skip must be an integer from 0 to {len(self)}, got {skip!r}")
+        count = len(self.images)
+        if self.shuffle:
+            order = torch.randperm(count, generator=self.generator)
+        else:
+            order = torch.arange(count)
+        positions = torch.arange(self.rank, self.per_rank * self.world_size, self.world_size)
+        return positions, order[positions]
+
+
+class TensorLoader(ShardedEpochs):
     """Iterate over (inputs, targets) batches of a uint8 image tensor held on `device`.
 
     inputs: float32 (B, C, H, W), (x / 255 - mean) / std; targets: int64 (B,). Each epoch (each
@@ -119,28 +148,13 @@ class TensorLoader:
         self.drop_last = drop_last
         self.per_rank = len(images) // world_size
 
-    def __len__(self):
-        if self.drop_last:
-            return self.per_rank // self.batch_size
-        return -(-self.per_rank // self.batch_size)
-
-    def __iter__(self):
-        return self.epoch()
-
     def epoch(self, skip=0):
         """An epoch's batches, starting after the first `skip` of them (to resume mid-epoch).
 
         Everything random for the epoch is drawn here, for all N images, skipped or not, so
         the batches after `skip` are the ones an uninterrupted epoch yields there."""
-        if not _is_int(skip) or not 0 <= skip <= len(self):
-            raise ValueError(f"skip must be an integer from 0 to {len(self)}, got {skip!r}")
-        count = len(self.images)
-        if self.shuffle:
-            order = torch.randperm(count, generator=self.generator)
-        else:
-            order = torch.arange(count)
-        positions = torch.arange(self.rank, self.per_rank * self.world_size, self.world_size)
-        index = order[positions].to(self.device)
+        positions, index = self._order(skip)
+        index, count = index.to(self.device), len(self.images)
         offsets = flips = None
         if self.augment:
             offsets = torch.randint(0, 2 * PADDING + 1, (count, 2), generator=self.generator)

@@ -180,6 +180,23 @@ def wait_for_write(path, old_mtime, process, timeout=120):
     raise AssertionError(f"{path} was not written within {timeout} s")
 
 
+def assert_same_weights(save, reference):
+    """save's run ended with reference's weights (checkpoint.pt and model_best.pt), momentum
+    and results.csv rows, bitwise; returns both checkpoint.pt's contents."""
+    for name in ("checkpoint.pt", "model_best.pt"):
+        expected, actual = load(reference / name), load(save / name)
+        assert expected["epoch"] == actual["epoch"], name
+        assert expected["model"].keys() == actual["model"].keys()
+        for key, tensor in expected["model"].items():
+            assert torch.equal(tensor, actual["model"][key]), (name, key)
+    expected, actual = load(reference / "checkpoint.pt"), load(save / "checkpoint.pt")
+    for key, state in expected["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"],
+                           actual["optimizer"]["state"][key]["momentum_buffer"])
+    assert without_timing(read_rows(save)) == without_timing(read_rows(reference))
+    return expected, actual
+
+
 def test_sigkill_and_resume_end_bitwise_identical(tmp_path):
     args = dict(n_epochs=5, fake_size="256,48", drop_rate=0.2, milestones="2,4", seed=11)
     reference = tmp_path / "reference"
@@ -208,18 +225,8 @@ def test_sigkill_and_resume_end_bitwise_identical(tmp_path):
         assert process.returncode == -signal.SIGKILL
     assert_ok(run_demo([*tiny_args(save, **args), "--resume", "True"]))
 
-    for name in ("checkpoint.pt", "model_best.pt"):
-        expected, actual = load(reference / name), load(save / name)
-        assert expected["epoch"] == actual["epoch"]
-        assert expected["model"].keys() == actual["model"].keys()
-        for key, tensor in expected["model"].items():
-            assert torch.equal(tensor, actual["model"][key]), (name, key)
-    expected, actual = load(reference / "checkpoint.pt"), load(save / "checkpoint.pt")
-    for key, state in expected["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"],
-                           actual["optimizer"]["state"][key]["momentum_buffer"])
+    expected, actual = assert_same_weights(save, reference)
     assert torch.equal(expected["rng"]["data"], actual["rng"]["data"])
-    assert without_timing(read_rows(save)) == without_timing(read_rows(reference))
     assert json.loads((save / "summary.json").read_text()) == \
         json.loads((reference / "summary.json").read_text())
 
