@@ -14,12 +14,14 @@ and int64 targets on the training device) and its replay guarantee: at an epoch'
 from the CPU generator and for all N images, the order and one seed per image, from which the
 image's crop and flip are drawn wherever it is decoded. So the batches after a resume, and the
 results for any number of workers, are bitwise those of an uninterrupted epoch on a CPU.
-Workers (DataLoader processes) decode whole batches into shared memory, with prefetching and,
-for a GPU, pinned memory from the DataLoader. For a GPU the batches travel as uint8 and are
-normalised there; for a CPU the workers normalise them, in parallel.
+Workers (DataLoader processes) decode whole batches into shared memory, with prefetching. For a
+GPU the batches travel as uint8 through the DataLoader's pinned memory and are normalised there;
+for a CPU the workers normalise them, in parallel, into shared batches that are reused batch
+after batch (SharedBatches).
 """
 
 import atexit
+import collections
 import math
 import os
 import random
@@ -45,6 +47,8 @@ from data.loader import ShardedEpochs, _is_int, channel_tensors, check_batching,
 SPLITS = ("train", "val", "test")
 STATS_IMAGES = 1000  # training images sampled (evenly spaced) for the mean and std
 SHOWN = 3  # example names shown per note
+PREFETCH = 2  # batches each worker decodes ahead
+KEPT = 8  # shared batches a worker keeps mapped (it is handed len(SharedBatches) / workers)
 
 
 @dataclass
@@ -249,7 +253,7 @@ def sample_stats(paths, image_size, resize_size, workers=0, skip_bad=False, repo
                           hint="; remove or replace the file, or pass --skip_bad_images True")
     counts = torch.zeros(3, 256, dtype=torch.int64)
     for inputs, _ in loader:
-        # With mean 0 and std 1 the inputs are x / 255 in float32, which gives back x exactly.
+        # With mean 0 and std 1 the inputs are x / 255 rounded to float32: * 255 rounds to x.
         counts += channel_histograms(inputs.mul(255).round_().to(torch.uint8))
     return stats_from_histograms(counts)
 
@@ -301,22 +305,61 @@ def _batch_tensor(shape, dtype):
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
+def _storage_users(tensor):
+    """How many tensors (views included) use tensor's storage: torch's own count, which
+    torch._inductor reads the same way for its CUDA-graph buffers."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class SharedBatches:
+    """Batch tensors in shared memory, taken in turn, for the workers to decode into.
+
+    Why: a fresh shared-memory batch costs the worker more than resizing its images (the
+    kernel maps and zero-fills every page on first touch: 0.8 ms per 224 px float32 image,
+    against 0.06 ms to refill a reused one, on this project's 2-core EPYC). take(position)
+    hands out batch position % count; one that anything still uses when its turn comes round
+    (a batch the caller kept, or a view of it) is left to its user and replaced by a new one,
+    so reuse never overwrites a batch in use. count should exceed the batches in flight."""
+
+    def __init__(self, count, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+        self.tensors = [None] * count
+        self.unused = None  # _storage_users of a batch that only this ring holds
+
+    def take(self, position):
+        index = position % len(self.tensors)
+        tensor = self.tensors[index]
+        if tensor is None or _storage_users(tensor) > self.unused:
+            tensor = torch.empty(self.shape, dtype=self.dtype).share_memory_()
+            self.tensors[index] = tensor
+            self.unused = _storage_users(tensor)
+        return tensor
+
+
 class BatchReader:
-    """Decodes and transforms one batch: reader[(indices, seeds)] -> (batch (B, 3, S, S),
+    """Decodes and transforms one batch: reader[(indices, seeds, out)] -> (batch (B, 3, S, S),
     [(slot, reason) of the images that could not be read]). seeds None: evaluation transform.
     The batch is uint8, or with `normalise_with` = (mean, std) float32 (data.loader.normalise),
-    computed image by image while it is in the cache."""
+    computed image by image while it is in the cache; it is written into out (a larger batch
+    tensor, from SharedBatches) unless out is None."""
 
     def __init__(self, paths, image_size, resize_size, flip, normalise_with=None):
         self.paths, self.image_size, self.resize_size = PathList(paths), image_size, resize_size
         self.flip = flip
         self.normalise = None if normalise_with is None else channel_tensors(*normalise_with)
+        self.kept = collections.deque(maxlen=KEPT)
 
     def __getitem__(self, task):
-        indices, seeds = task
+        indices, seeds, out = task
         size = self.image_size
         shape = (len(indices), 3, size, size)
-        batch = _batch_tensor(shape, torch.uint8 if self.normalise is None else torch.float32)
+        if out is None:
+            batch = _batch_tensor(shape, torch.uint8 if self.normalise is None else torch.float32)
+        else:
+            batch = out[:len(indices)]
+            # Kept mapped here: torch then finds it when it comes round again, rather than
+            # mapping it afresh (a page fault per 4 KiB page on the first write).
+            self.kept.append(out)
         failures = []
         for slot, index in enumerate(indices):
             try:
@@ -335,7 +378,7 @@ class BatchReader:
                 failures.append((slot, "out of memory while decoding it"))
             except Exception as error:  # an image the transforms cannot take; never a dead worker
                 failures.append((slot, f"{type(error).__name__}: {' '.join(str(error).split())}"))
-        return batch, failures
+        return (batch if out is None else None), failures  # out: the caller has it
 
 
 class FolderLoader(ShardedEpochs):
@@ -361,7 +404,7 @@ class FolderLoader(ShardedEpochs):
         self.device = torch.device(device)
         self.images = list(paths)
         self.labels = labels.to(self.device, torch.int64)
-        self.mean, self.std = channel_tensors(mean, std, self.device)
+        self.scale, self.shift = channel_tensors(mean, std, self.device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self.drop_last, self.workers, self.skip_bad = drop_last, workers, skip_bad
@@ -383,28 +426,41 @@ class FolderLoader(ShardedEpochs):
         tasks = []
         for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
             stop = start + self.batch_size
-            tasks.append((index[start:stop], None if seeds is None else seeds[start:stop]))
+            tasks.append((index[start:stop], None if seeds is None else seeds[start:stop], None))
         return self._batches(tasks)
 
     def _loaded(self, tasks):
-        """(task, (uint8 batch, failures)) in order, from the workers or from this process."""
+        """(task, (batch, failures)) in order, from the workers or from this process."""
         if self.workers == 0:
             for task in tasks:
                 yield task, self.reader[task]
             return
+        workers = min(self.workers, len(tasks))
+        ring = None
+        if self.device.type == "cpu":  # a GPU's uint8 batches go through pinned memory instead
+            size = self.reader.image_size
+            ring = SharedBatches(workers * PREFETCH + 2, (self.batch_size, 3, size, size),
+                                 torch.float32)
+        outs = {}  # position -> the ring's batch its worker writes into
+
+        def handed_out():  # the DataLoader draws each task as it hands it to a worker
+            for position, (indices, seeds, _) in enumerate(tasks):
+                outs[position] = None if ring is None else ring.take(position)
+                yield indices, seeds, outs[position]
+
         # Its own generator: a DataLoader draws its workers' seeds (unused here) from torch's
         # global one otherwise, which would change dropout and initialisation with --workers.
-        loader = DataLoader(self.reader, batch_size=None, sampler=tasks,
-                            num_workers=min(self.workers, len(tasks)),
+        loader = DataLoader(self.reader, batch_size=None, sampler=handed_out(),
+                            num_workers=workers, prefetch_factor=PREFETCH,
                             pin_memory=self.device.type == "cuda",
                             worker_init_fn=_ignore_stop_signals,
                             generator=torch.Generator().manual_seed(0))
         iterator = iter(loader)
         _running.add(iterator)
         try:
-            for task in tasks:
+            for position, task in enumerate(tasks):
                 try:
-                    result = next(iterator)
+                    batch, failures = next(iterator)
                 except RuntimeError as error:
                     if "DataLoader worker" not in str(error):
                         raise
@@ -413,7 +469,8 @@ class FolderLoader(ShardedEpochs):
                                     f"({' '.join(str(error).split())}) while loading {first} or "
                                     f"one of the {len(task[0]) - 1} images after it; out of "
                                     f"memory? try fewer --workers") from None
-                yield task, result
+                out = outs.pop(position)
+                yield task, (batch if out is None else out[:len(task[0])], failures)
         finally:  # also when the epoch is left early (a stop, an error)
             iterator._shutdown_workers()
             _running.discard(iterator)
@@ -430,8 +487,8 @@ class FolderLoader(ShardedEpochs):
                         continue
                     images, batch_index = kept
                 if images.dtype == torch.uint8:
-                    images = normalise(images.to(self.device, non_blocking=True), self.mean,
-                                       self.std)
+                    images = normalise(images.to(self.device, non_blocking=True), self.scale,
+                                       self.shift)
                 yield images, self.labels.index_select(0, batch_index)
         finally:
             loaded.close()  # its workers end now, not when a traceback lets go of it

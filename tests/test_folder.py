@@ -212,17 +212,22 @@ def test_the_same_seed_draws_the_same_crop_and_flip():
     assert len(crops) > 15
 
 
-def test_training_transform_is_torchvisions_resized_crop_and_flip():
-    image = torch.from_numpy(photo(45, 60)).permute(2, 0, 1)
+@pytest.mark.parametrize("height, width, size", [(45, 60, 24), (375, 500, 224), (20, 30, 64)])
+def test_training_transform_is_torchvisions_resized_crop_and_flip(height, width, size):
+    # train_transform mirrors the crop before resizing it: the same pixels, bitwise.
+    image = torch.from_numpy(photo(height, width)).permute(2, 0, 1)
+    flips = set()
     for seed in range(10):
         rng = random.Random(seed)
-        box = random_crop_box(45, 60, rng)
+        box = random_crop_box(height, width, rng)
         flip = rng.random() < 0.5
-        expected = TF.resized_crop(image, *box, [24, 24], antialias=True)
+        flips.add(flip)
+        expected = TF.resized_crop(image, *box, [size, size], antialias=True)
         expected = TF.horizontal_flip(expected) if flip else expected
-        assert torch.equal(train_transform(image, 24, random.Random(seed)), expected)
-        unflipped = train_transform(image, 24, random.Random(seed), flip=False)
-        assert torch.equal(unflipped, TF.resized_crop(image, *box, [24, 24], antialias=True))
+        assert torch.equal(train_transform(image, size, random.Random(seed)), expected)
+        unflipped = train_transform(image, size, random.Random(seed), flip=False)
+        assert torch.equal(unflipped, TF.resized_crop(image, *box, [size, size], antialias=True))
+    assert flips == {False, True}
 
 
 @pytest.mark.parametrize("height, width", [(45, 60), (60, 45), (32, 32), (300, 20)])
@@ -383,11 +388,12 @@ def paths_and_labels(root, split="train"):
     return splits[split]
 
 
-def folder_loader(root, workers=0, seed=5, **kwargs):
+def folder_loader(root, workers=0, seed=5, batch_size=8, **kwargs):
     paths, labels = paths_and_labels(root)
     options = dict(shuffle=True, augment=True, generator=torch.Generator().manual_seed(seed))
     options.update(kwargs)
-    return FolderLoader(paths, labels, 8, MEAN, STD, "cpu", 24, 27, workers=workers, **options)
+    return FolderLoader(paths, labels, batch_size, MEAN, STD, "cpu", 24, 27, workers=workers,
+                        **options)
 
 
 def epoch(loader, skip=0):
@@ -420,6 +426,22 @@ def test_batches_are_the_same_for_any_number_of_workers_and_after_a_skip(small_f
     assert_same_batches(epoch(folder_loader(small_folder, workers=3), skip=2), reference[2:])
     other = epoch(folder_loader(small_folder, workers=0, seed=6))
     assert not torch.equal(other[0][0], reference[0][0])
+
+
+def test_workers_reuse_shared_batches_but_never_one_still_in_use(small_folder):
+    reference = epoch(folder_loader(small_folder, batch_size=2))  # 19 batches
+    ring = 2 * data.folder.PREFETCH + 2
+    storages = set()
+    for (x, y), (x_ref, y_ref) in zip(folder_loader(small_folder, workers=2, batch_size=2),
+                                      reference, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        storages.add(x.untyped_storage().data_ptr())
+    assert len(storages) <= ring < len(reference)  # dropped batches come round again
+    kept = list(folder_loader(small_folder, workers=2, batch_size=2))  # none dropped
+    assert_same_batches(kept, reference)
+    assert len({x.untyped_storage().data_ptr() for x, _ in kept}) == len(reference)
+    views = [x[:1] for x, _ in folder_loader(small_folder, workers=2, batch_size=2)]
+    assert all(torch.equal(view, x[:1]) for view, (x, _) in zip(views, reference, strict=True))
 
 
 @pytest.mark.cuda
