@@ -105,22 +105,25 @@ def main(quick=False, device="auto", out=None, repeats=None, amp=None, time_max_
         return None
     if out is None:
         out = tempfile.mkdtemp(prefix="benchmark-quick-") if profile == "quick" else "results"
+    # Nothing is returned: python-fire would print a returned value after the figures.
     if tools:
-        return tool_figures.run(out=out, repeats=repeats, quick=quick)
-    if allocator:
-        return allocator_figures.run(out=out, quick=quick)
-    if loader:
-        return folder_loader.run(out=out, quick=quick)
-    if check_model:
-        return model_check.check_memory_model(out)
-    if device.type == "cpu" and (search or memory_budget is not None):
+        tool_figures.run(out=out, repeats=repeats, quick=quick)
+    elif allocator:
+        allocator_figures.run(out=out, quick=quick)
+    elif loader:
+        folder_loader.run(out=out, quick=quick)
+    elif check_model:
+        model_check.check_memory_model(out)
+    elif device.type == "cpu" and (search or memory_budget is not None):
         if not search or memory_budget is None:
             fail("on a CPU, --search True goes with --memory_budget (such as 8GiB)")
-        return cpu_search.cpu_search(budgets["memory_budget"], str(memory_budget), out)
-    if memory_budget is not None:
+        cpu_search.cpu_search(budgets["memory_budget"], str(memory_budget), out)
+    elif memory_budget is not None:
         fail("--memory_budget is the CPU search's; on CUDA use --search_budget")
-    compare.run(profile, device, out, repeats=repeats, amp=amp, time_max_depth=time_max_depth,
-                cpu_max_gb=cpu_max_gb, search=search, search_budget=budgets["search_budget"])
+    else:
+        compare.run(profile, device, out, repeats=repeats, amp=amp,
+                    time_max_depth=time_max_depth, cpu_max_gb=cpu_max_gb, search=search,
+                    search_budget=budgets["search_budget"])
     return None
 
 

@@ -16,8 +16,10 @@ machine shared with other jobs it depends less on what they do.
 """
 
 import io
+import math
 import os
 import platform
+import random
 import resource
 import statistics
 import tempfile
@@ -129,6 +131,45 @@ def torchvision_baseline(root, workers, size):
 
 
 CONTENDERS = ("decode only", "decode only PIL", "folder loader", "torchvision")
+STAGES = ("read and decode", "crop, mirror and resize", "normalise into the batch",
+          "fill a fresh shared batch", "fill a reused one")
+
+
+def stage_times(paths, size, images=256, repeats=3):
+    """{stage: ms per image} of the folder loader's work, in this process, on up to `images`
+    of paths (best of `repeats`): what each image costs a worker, and what reusing the shared
+    batches saves (filling a float32 batch in fresh shared memory against refilling one)."""
+    from data.folder import shared_tensor
+    from data.images import read_image, train_transform
+    from data.loader import channel_tensors, normalise
+
+    paths = paths[:images]
+    count = len(paths)
+    scale, shift = channel_tensors((0.5,) * 3, (0.25,) * 3)
+    decoded = [read_image(path) for path in paths]
+    resized = [train_transform(image, size, random.Random(i)) for i, image in enumerate(decoded)]
+    shape = (BATCH, 3, size, size)
+    reused = shared_tensor(shape, torch.float32).fill_(0)
+    work = {
+        STAGES[0]: lambda: [read_image(path) for path in paths],
+        STAGES[1]: lambda: [train_transform(image, size, random.Random(i))
+                            for i, image in enumerate(decoded)],
+        STAGES[2]: lambda: [normalise(image, scale, shift, out=reused[i % BATCH])
+                            for i, image in enumerate(resized)],
+        STAGES[3]: lambda: [shared_tensor(shape, torch.float32).fill_(1)
+                            for _ in range(count // BATCH)],
+        STAGES[4]: lambda: [reused.fill_(1) for _ in range(count // BATCH)],
+    }
+    times = {}
+    for stage, run in work.items():
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        per = count if stage in STAGES[:3] else count // BATCH * BATCH
+        times[stage] = best * 1000 / per
+    return times
 
 
 def _cpu_seconds():
@@ -163,6 +204,8 @@ def measure(root, workers, rounds, size):
 
 def run(out="results", quick=False, workers=None, rounds=None):
     """Measure every set of SETS; write <out>/folder-loader-cpu.md (-quick with quick)."""
+    from data.folder import find_images
+
     workers = workers if workers is not None else len(os.sched_getaffinity(0))
     rounds = rounds or (2 if quick else 5)
     torch.set_num_threads(1)  # as in DataLoader workers: each process decodes on one core
@@ -178,16 +221,18 @@ def run(out="results", quick=False, workers=None, rounds=None):
             rates = measure(root, workers, rounds, size)
             medians = {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
                        for k, v in rates.items()}
-            results[name] = (count, mean_file_size(root), medians)
+            stages = stage_times(find_images(root)[0], size)
+            results[name] = (count, mean_file_size(root), medians, stages)
             line = ", ".join(f"{k} {r:,.0f} images/s ({c:.2f} CPU ms each)"
                              for k, (r, c) in medians.items())
             print(f"{name}: {line}", flush=True)
+            print(f"{name}, ms per image in one process: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
     path = os.path.join(out, f"folder-loader-cpu{'-quick' if quick else ''}.md")
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as file:
         file.write(report(results, workers, rounds, load_before, os.getloadavg(), quick))
     print(f"wrote {path}")
-    return results
 
 
 def report(results, workers, rounds, load_before, load_after, quick):
@@ -214,7 +259,7 @@ def report(results, workers, rounds, load_before, load_after, quick):
         "folder loader ÷ torchvision |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (count, size, rates) in results.items():
+    for name, (count, size, rates, _) in results.items():
         cells = [f"{rates[key][0]:,.0f} ({rates[key][1]:.2f} ms)" for key in CONTENDERS]
         loader = rates["folder loader"]
         ratios = [f"{loader[0] / rates[key][0]:.2f} ({rates[key][1] / loader[1]:.2f})"
@@ -230,5 +275,16 @@ def report(results, workers, rounds, load_before, load_after, quick):
         "on small images, which must be upscaled to 224, the output rather than the decoding "
         "sets its pace.",
         "",
+        "Where a worker's time goes: milliseconds per image of each stage of the loader's "
+        "work, in one process (best of 3 over up to 256 of the images; the same torch threads "
+        "as a worker: one). Filling a float32 batch in fresh shared memory is what each batch "
+        "cost before the workers reused their batches; refilling a reused one is what it costs "
+        "now:",
+        "",
+        f"| images | {' | '.join(STAGES)} |",
+        "|---|" + "---|" * len(STAGES),
     ]
+    for name, (_, _, _, stages) in results.items():
+        lines.append(f"| {name} | {' | '.join(f'{stages[key]:.3f}' for key in STAGES)} |")
+    lines.append("")
     return "\n".join(lines)

@@ -49,6 +49,9 @@ STATS_IMAGES = 1000  # training images sampled (evenly spaced) for the mean and 
 SHOWN = 3  # example names shown per note
 PREFETCH = 2  # batches each worker decodes ahead
 KEPT = 8  # shared batches a worker keeps mapped (it is handed len(SharedBatches) / workers)
+SHARED_MEMORY_HINT = ("workers hand their batches over in shared memory (/dev/shm: in a "
+                      "container, raise it with --shm-size): try fewer --workers or a smaller "
+                      "--batch_size")
 
 
 @dataclass
@@ -297,12 +300,16 @@ class PathList:
         return os.fsdecode(self.data[start:int(self.ends[index])])
 
 
-def _batch_tensor(shape, dtype):
-    """In a worker, a tensor in shared memory, so that the main process gets it uncopied."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+def shared_tensor(shape, dtype):
+    """An uninitialised tensor in shared memory, which other processes map rather than copy."""
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def _batch_tensor(shape, dtype):
+    """In a worker, a tensor in shared memory, so that the main process gets it uncopied."""
+    return torch.empty(shape, dtype=dtype) if get_worker_info() is None else shared_tensor(
+        shape, dtype)
 
 
 def _storage_users(tensor):
@@ -323,17 +330,24 @@ class SharedBatches:
 
     def __init__(self, count, shape, dtype):
         self.shape, self.dtype = shape, dtype
-        self.tensors = [None] * count
-        self.unused = None  # _storage_users of a batch that only this ring holds
+        # All made now, before any worker starts, so that too little shared memory stops the
+        # run here, with one line.
+        self.tensors = [self._new() for _ in range(count)]
+        self.unused = _storage_users(self.tensors[0])  # a batch that only this ring holds
+
+    def _new(self):
+        try:
+            return shared_tensor(self.shape, self.dtype)
+        except RuntimeError as error:
+            size = math.prod(self.shape) * self.dtype.itemsize / 2**20
+            raise DataError(f"cannot allocate a batch of {size:,.0f} MiB in shared memory "
+                            f"({' '.join(str(error).split())}); {SHARED_MEMORY_HINT}") from None
 
     def take(self, position):
         index = position % len(self.tensors)
-        tensor = self.tensors[index]
-        if tensor is None or _storage_users(tensor) > self.unused:
-            tensor = torch.empty(self.shape, dtype=self.dtype).share_memory_()
-            self.tensors[index] = tensor
-            self.unused = _storage_users(tensor)
-        return tensor
+        if _storage_users(self.tensors[index]) > self.unused:
+            self.tensors[index] = self._new()
+        return self.tensors[index]
 
 
 class BatchReader:
@@ -439,8 +453,8 @@ class FolderLoader(ShardedEpochs):
         ring = None
         if self.device.type == "cpu":  # a GPU's uint8 batches go through pinned memory instead
             size = self.reader.image_size
-            ring = SharedBatches(workers * PREFETCH + 2, (self.batch_size, 3, size, size),
-                                 torch.float32)
+            ring = SharedBatches(min(workers * PREFETCH + 2, len(tasks)),
+                                 (self.batch_size, 3, size, size), torch.float32)
         outs = {}  # position -> the ring's batch its worker writes into
 
         def handed_out():  # the DataLoader draws each task as it hands it to a worker
@@ -468,7 +482,7 @@ class FolderLoader(ShardedEpochs):
                     raise DataError(f"a process decoding images died "
                                     f"({' '.join(str(error).split())}) while loading {first} or "
                                     f"one of the {len(task[0]) - 1} images after it; out of "
-                                    f"memory? try fewer --workers") from None
+                                    f"memory? {SHARED_MEMORY_HINT}") from None
                 out = outs.pop(position)
                 yield task, (batch if out is None else out[:len(task[0])], failures)
         finally:  # also when the epoch is left early (a stop, an error)

@@ -102,3 +102,22 @@ def test_allocator_comparison_writes_both_allocators_outside_the_checkout():
         assert float(row[2]) > 0 and float(row[3].split()[0]) >= 0
         assert float(row[4].rstrip(" |")) > 0.1  # GiB: torch alone takes more
     shutil.rmtree(path.parent)
+
+
+def test_loader_benchmark_writes_its_two_tables_outside_the_checkout():
+    result = subprocess.run([sys.executable, "benchmark.py", "--loader", "True", "--quick",
+                             "True"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "SYNOPSIS" not in result.stdout  # python-fire printed the returned figures once
+    path = Path(re.search(r"^wrote (\S+)$", result.stdout, re.M).group(1))
+    assert path.name == "folder-loader-cpu-quick.md" and not path.is_relative_to(ROOT)
+    rows = [line.strip("| ").split(" | ") for line in path.read_text().splitlines()
+            if line.startswith(("| 500x375", "| 80x80"))]
+    assert [row[0] for row in rows] == ["500x375 at 224 px", "80x80 at 224 px",
+                                        "80x80 at 80 px"] * 2
+    for row in rows[:3]:  # rates (CPU ms), then the ratios
+        assert all(float(cell.split()[0].replace(",", "")) > 0 for cell in row[3:])
+    for row in rows[3:]:  # ms per image of each stage: a reused batch is cheaper to fill
+        stages = [float(cell) for cell in row[1:]]
+        assert len(stages) == 5 and all(ms > 0 for ms in stages) and stages[4] < stages[3]
+    shutil.rmtree(path.parent)

@@ -288,6 +288,26 @@ def test_under_torchrun_an_unreadable_image_is_named_by_the_process_reading_it(t
         f"the run stopped with its last checkpoint kept" in "\n".join(lines), result.stderr
 
 
+def with_shared_memory(megabytes, command):
+    """command with a /dev/shm of its own, a tmpfs of `megabytes` (in a mount namespace)."""
+    mount = f"mount -t tmpfs -o size={megabytes}m tmpfs /dev/shm && exec \"$@\""
+    return ["unshare", "--mount", "sh", "-c", mount, "sh", *map(str, command)]
+
+
+def test_too_little_shared_memory_stops_a_run_in_one_line(pets, tmp_path):
+    if subprocess.run(with_shared_memory(1, ["true"]), capture_output=True).returncode != 0:
+        pytest.skip("needs unshare and mount (root) for a small /dev/shm of its own")
+    runs = {}
+    for megabytes in (4, 64):  # the training set's statistics need three 2.3 MiB batches
+        args = folder_args(pets, tmp_path / f"run{megabytes}", image_size=64, n_epochs=1)
+        command = with_shared_memory(megabytes, [sys.executable, ROOT / "demo.py", *args])
+        runs[megabytes] = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True,
+                                         text=True, timeout=300)
+    assert_usage_error(runs[4], "cannot allocate a batch of 2 MiB in shared memory",
+                       "No space left on device", "--shm-size", "fewer --workers")
+    assert_ok(runs[64])
+
+
 def test_a_folder_without_train_is_refused_in_one_line(tmp_path):
     write_folder(tmp_path / "data", {"val": {"cat": 2}})
     save = tmp_path / "run"
