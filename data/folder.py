@@ -48,7 +48,6 @@ SPLITS = ("train", "val", "test")
 STATS_IMAGES = 1000  # training images sampled (evenly spaced) for the mean and std
 SHOWN = 3  # example names shown per note
 PREFETCH = 2  # batches each worker decodes ahead
-KEPT = 8  # shared batches a worker keeps mapped (it is handed len(SharedBatches) / workers)
 SHARED_MEMORY_HINT = ("workers hand their batches over in shared memory (/dev/shm: in a "
                       "container, raise it with --shm-size): try fewer --workers or a smaller "
                       "--batch_size")
@@ -322,8 +321,8 @@ class SharedBatches:
     """Batch tensors in shared memory, taken in turn, for the workers to decode into.
 
     Why: a fresh shared-memory batch costs the worker more than resizing its images (the
-    kernel maps and zero-fills every page on first touch: 0.8 ms per 224 px float32 image,
-    against 0.06 ms to refill a reused one, on this project's 2-core EPYC). take(position)
+    kernel maps and zero-fills every page on first touch: 0.60 ms per 224 px float32 image,
+    against 0.06 ms to refill a reused one; results/folder-loader-cpu.md). take(position)
     hands out batch position % count; one that anything still uses when its turn comes round
     (a batch the caller kept, or a view of it) is left to its user and replaced by a new one,
     so reuse never overwrites a batch in use. count should exceed the batches in flight."""
@@ -361,7 +360,7 @@ class BatchReader:
         self.paths, self.image_size, self.resize_size = PathList(paths), image_size, resize_size
         self.flip = flip
         self.normalise = None if normalise_with is None else channel_tensors(*normalise_with)
-        self.kept = collections.deque(maxlen=KEPT)
+        self.kept = collections.deque(maxlen=0)  # FolderLoader sizes it for its workers
 
     def __getitem__(self, task):
         indices, seeds, out = task
@@ -455,6 +454,8 @@ class FolderLoader(ShardedEpochs):
             size = self.reader.image_size
             ring = SharedBatches(min(workers * PREFETCH + 2, len(tasks)),
                                  (self.batch_size, 3, size, size), torch.float32)
+            # Each worker may be handed every batch of the ring in turn: it keeps them all.
+            self.reader.kept = collections.deque(maxlen=len(ring.tensors))
         outs = {}  # position -> the ring's batch its worker writes into
 
         def handed_out():  # the DataLoader draws each task as it hands it to a worker
