@@ -36,9 +36,9 @@ from training.devices import keep_freed_memory
 
 BATCH = 64
 SETS = {  # name -> (height, width, output size, images, images in a quick run)
-    "500x375 at 224 px": (375, 500, 224, 4096, 96),
-    "80x80 at 224 px": (80, 80, 224, 4096, 256),
-    "80x80 at 80 px": (80, 80, 80, 4096, 256),
+    "500x375 at 224 px": (375, 500, 224, 4096, 64),
+    "80x80 at 224 px": (80, 80, 224, 4096, 128),
+    "80x80 at 80 px": (80, 80, 80, 4096, 128),
 }
 
 
@@ -207,7 +207,7 @@ def run(out="results", quick=False, workers=None, rounds=None):
     from data.folder import find_images
 
     workers = workers if workers is not None else len(os.sched_getaffinity(0))
-    rounds = rounds or (2 if quick else 5)
+    rounds = rounds or (1 if quick else 5)
     torch.set_num_threads(1)  # as in DataLoader workers: each process decodes on one core
     keep_freed_memory()  # as demo.py does on a CPU
     load_before = os.getloadavg()
@@ -221,7 +221,7 @@ def run(out="results", quick=False, workers=None, rounds=None):
             rates = measure(root, workers, rounds, size)
             medians = {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v))
                        for k, v in rates.items()}
-            stages = stage_times(find_images(root)[0], size)
+            stages = stage_times(find_images(root)[0], size, repeats=1 if quick else 3)
             results[name] = (count, mean_file_size(root), medians, stages)
             line = ", ".join(f"{k} {r:,.0f} images/s ({c:.2f} CPU ms each)"
                              for k, (r, c) in medians.items())
@@ -276,10 +276,10 @@ def report(results, workers, rounds, load_before, load_after, quick):
         "sets its pace.",
         "",
         "Where a worker's time goes: milliseconds per image of each stage of the loader's "
-        "work, in one process (best of 3 over up to 256 of the images; the same torch threads "
-        "as a worker: one). Filling a float32 batch in fresh shared memory is what each batch "
-        "cost before the workers reused their batches; refilling a reused one is what it costs "
-        "now:",
+        f"work, in one process (best of {1 if quick else 3} over up to 256 of the images; the "
+        "same torch threads as a worker: one). Filling a float32 batch in fresh shared memory "
+        "is what each batch cost before the workers reused their batches; refilling a reused "
+        "one is what it costs now:",
         "",
         f"| images | {' | '.join(STAGES)} |",
         "|---|" + "---|" * len(STAGES),
