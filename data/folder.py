@@ -21,7 +21,6 @@ after batch (SharedBatches).
 """
 
 import atexit
-import collections
 import math
 import os
 import random
@@ -255,7 +254,7 @@ def sample_stats(paths, image_size, resize_size, workers=0, skip_bad=False, repo
                           hint="; remove or replace the file, or pass --skip_bad_images True")
     counts = torch.zeros(3, 256, dtype=torch.int64)
     for inputs, _ in loader:
-        # With mean 0 and std 1 the inputs are x / 255 rounded to float32: * 255 rounds to x.
+        # With mean 0 and std 1 the inputs are x * float32(1 / 255): * 255 rounds back to x.
         counts += channel_histograms(inputs.mul(255).round_().to(torch.uint8))
     return stats_from_histograms(counts)
 
@@ -323,9 +322,10 @@ class SharedBatches:
     Why: a fresh shared-memory batch costs the worker more than resizing its images (the
     kernel maps and zero-fills every page on first touch: 0.60 ms per 224 px float32 image,
     against 0.06 ms to refill a reused one; results/folder-loader-cpu.md). take(position)
-    hands out batch position % count; one that anything still uses when its turn comes round
-    (a batch the caller kept, or a view of it) is left to its user and replaced by a new one,
-    so reuse never overwrites a batch in use. count should exceed the batches in flight."""
+    hands out batch position % count; one that a tensor still uses when its turn comes round
+    (a batch the caller kept, or any view of it; torch does not count a bare untyped_storage())
+    is left to its user and replaced by a new one. count should exceed the batches in flight,
+    and the caller should keep at most one: each batch kept longer costs a replacement."""
 
     def __init__(self, count, shape, dtype):
         self.shape, self.dtype = shape, dtype
@@ -343,24 +343,25 @@ class SharedBatches:
                             f"({' '.join(str(error).split())}); {SHARED_MEMORY_HINT}") from None
 
     def take(self, position):
-        index = position % len(self.tensors)
-        if _storage_users(self.tensors[index]) > self.unused:
-            self.tensors[index] = self._new()
-        return self.tensors[index]
+        """(slot, batch tensor) for the batch at position in the epoch."""
+        slot = position % len(self.tensors)
+        if _storage_users(self.tensors[slot]) > self.unused:
+            self.tensors[slot] = self._new()
+        return slot, self.tensors[slot]
 
 
 class BatchReader:
     """Decodes and transforms one batch: reader[(indices, seeds, out)] -> (batch (B, 3, S, S),
     [(slot, reason) of the images that could not be read]). seeds None: evaluation transform.
     The batch is uint8, or with `normalise_with` = (mean, std) float32 (data.loader.normalise),
-    computed image by image while it is in the cache; it is written into out (a larger batch
-    tensor, from SharedBatches) unless out is None."""
+    computed image by image while it is in the cache. out None: a new batch is returned; else
+    out = (ring slot, batch tensor) from SharedBatches, written into, and None returned."""
 
     def __init__(self, paths, image_size, resize_size, flip, normalise_with=None):
         self.paths, self.image_size, self.resize_size = PathList(paths), image_size, resize_size
         self.flip = flip
         self.normalise = None if normalise_with is None else channel_tensors(*normalise_with)
-        self.kept = collections.deque(maxlen=0)  # FolderLoader sizes it for its workers
+        self.kept = {}  # in a worker: ring slot -> the batch tensor it was last handed there
 
     def __getitem__(self, task):
         indices, seeds, out = task
@@ -369,10 +370,12 @@ class BatchReader:
         if out is None:
             batch = _batch_tensor(shape, torch.uint8 if self.normalise is None else torch.float32)
         else:
-            batch = out[:len(indices)]
+            ring_slot, tensor = out
+            batch = tensor[:len(indices)]
             # Kept mapped here: torch then finds it when it comes round again, rather than
-            # mapping it afresh (a page fault per 4 KiB page on the first write).
-            self.kept.append(out)
+            # mapping it afresh (a page fault per 4 KiB page on the first write). One per slot,
+            # so that a batch the ring replaced is let go.
+            self.kept[ring_slot] = tensor
         failures = []
         for slot, index in enumerate(indices):
             try:
@@ -444,7 +447,7 @@ class FolderLoader(ShardedEpochs):
 
     def _loaded(self, tasks):
         """(task, (batch, failures)) in order, from the workers or from this process."""
-        if self.workers == 0:
+        if self.workers == 0 or not tasks:
             for task in tasks:
                 yield task, self.reader[task]
             return
@@ -454,9 +457,7 @@ class FolderLoader(ShardedEpochs):
             size = self.reader.image_size
             ring = SharedBatches(min(workers * PREFETCH + 2, len(tasks)),
                                  (self.batch_size, 3, size, size), torch.float32)
-            # Each worker may be handed every batch of the ring in turn: it keeps them all.
-            self.reader.kept = collections.deque(maxlen=len(ring.tensors))
-        outs = {}  # position -> the ring's batch its worker writes into
+        outs = {}  # position -> (slot, batch) of the ring that its worker writes into
 
         def handed_out():  # the DataLoader draws each task as it hands it to a worker
             for position, (indices, seeds, _) in enumerate(tasks):
@@ -485,7 +486,7 @@ class FolderLoader(ShardedEpochs):
                                     f"one of the {len(task[0]) - 1} images after it; out of "
                                     f"memory? {SHARED_MEMORY_HINT}") from None
                 out = outs.pop(position)
-                yield task, (batch if out is None else out[:len(task[0])], failures)
+                yield task, (batch if out is None else out[1][:len(task[0])], failures)
         finally:  # also when the epoch is left early (a stop, an error)
             iterator._shutdown_workers()
             _running.discard(iterator)

@@ -215,13 +215,13 @@ def train_transform(image, image_size, rng, flip=True):
     """Random-resized crop to image_size x image_size, then a horizontal flip with probability
     1/2 if flip (drawn either way, so that flip does not change the other draws)."""
     top, left, height, width = random_crop_box(image.shape[-2], image.shape[-1], rng)
-    mirrored = rng.random() < 0.5 and flip
-    crop = image[:, top:top + height, left:left + width].permute(1, 2, 0)
-    # One copy, channels-last (as decoded) and contiguous, mirrored here when flipped: torch's
-    # vectorised uint8 resize needs that layout and then takes half the time, and resizing
-    # commutes with the mirror (bitwise: tests/test_folder.py), which is cheaper on the crop.
-    crop = (crop.flip(1) if mirrored else crop.contiguous()).permute(2, 0, 1)
-    return F.resize(crop, [image_size, image_size], antialias=True)
+    crop = image[:, top:top + height, left:left + width]
+    # Copied channels-last (as decoded) and contiguous: torch's vectorised uint8 resize needs
+    # that, and then takes half the time, for the same values.
+    crop = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    image = F.resize(crop, [image_size, image_size], antialias=True)
+    mirrored = rng.random() < 0.5
+    return image.flip(-1) if flip and mirrored else image
 
 
 def eval_transform(image, image_size, resize_size):

@@ -26,12 +26,12 @@ def random_images(count, seed=0):
 
 def normalise(images, mean=MEAN, std=STD):
     """The loader's normalisation, written out: (x / 255 - mean) / std per channel, as
-    x * (1 / (255 std)) + (-mean / std) with both factors in float32, rounded once (exact in
-    float64: x has 8 bits, the factors 24)."""
+    x * (1 / (255 std)) + (-mean / std) with both factors in float32, the product and the sum
+    each rounded to float32 (both exact in float64 before that: x has 8 bits, the rest 24)."""
     mean = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
     std = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
     scale, shift = (1 / (255 * std)).float().double(), (-mean / std).float().double()
-    return (images.double() * scale + shift).float()
+    return ((images.double() * scale).float().double() + shift).float()
 
 
 def reference_augment(image, top, left, flip):

@@ -18,6 +18,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import data.folder
 from data import DataError
@@ -214,7 +215,6 @@ def test_the_same_seed_draws_the_same_crop_and_flip():
 
 @pytest.mark.parametrize("height, width, size", [(45, 60, 24), (375, 500, 224), (20, 30, 64)])
 def test_training_transform_is_torchvisions_resized_crop_and_flip(height, width, size):
-    # train_transform mirrors the crop before resizing it: the same pixels, bitwise.
     image = torch.from_numpy(photo(height, width)).permute(2, 0, 1)
     flips = set()
     for seed in range(10):
@@ -424,6 +424,7 @@ def test_batches_are_the_same_for_any_number_of_workers_and_after_a_skip(small_f
     reference = epoch(folder_loader(small_folder, workers=0))
     assert_same_batches(epoch(folder_loader(small_folder, workers=2)), reference)
     assert_same_batches(epoch(folder_loader(small_folder, workers=3), skip=2), reference[2:])
+    assert epoch(folder_loader(small_folder, workers=2), skip=len(reference)) == []
     other = epoch(folder_loader(small_folder, workers=0, seed=6))
     assert not torch.equal(other[0][0], reference[0][0])
 
@@ -431,15 +432,16 @@ def test_batches_are_the_same_for_any_number_of_workers_and_after_a_skip(small_f
 def test_workers_reuse_shared_batches_but_never_one_still_in_use(small_folder):
     reference = epoch(folder_loader(small_folder, batch_size=2))  # 19 batches
     ring = 2 * data.folder.PREFETCH + 2
+    # Weak references keep each storage's identity (its address is not recycled meanwhile).
     storages = set()
     for (x, y), (x_ref, y_ref) in zip(folder_loader(small_folder, workers=2, batch_size=2),
                                       reference, strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
-        storages.add(x.untyped_storage().data_ptr())
-    assert len(storages) <= ring < len(reference)  # dropped batches come round again
+        storages.add(StorageWeakRef(x.untyped_storage()))
+    assert len(storages) == ring < len(reference)  # dropped batches come round again
     kept = list(folder_loader(small_folder, workers=2, batch_size=2))  # none dropped
     assert_same_batches(kept, reference)
-    assert len({x.untyped_storage().data_ptr() for x, _ in kept}) == len(reference)
+    assert len({StorageWeakRef(x.untyped_storage()) for x, _ in kept}) == len(reference)
     views = [x[:1] for x, _ in folder_loader(small_folder, workers=2, batch_size=2)]
     assert all(torch.equal(view, x[:1]) for view, (x, _) in zip(views, reference, strict=True))
 
