@@ -320,7 +320,7 @@ class SharedBatches:
     """Batch tensors in shared memory, taken in turn, for the workers to decode into.
 
     Why: a fresh shared-memory batch costs the worker more than resizing its images (the
-    kernel maps and zero-fills every page on first touch: 0.60 ms per 224 px float32 image,
+    kernel maps and zero-fills every page on first touch: 0.66 ms per 224 px float32 image,
     against 0.06 ms to refill a reused one; results/folder-loader-cpu.md). take(position)
     hands out batch position % count; one that a tensor still uses when its turn comes round
     (a batch the caller kept, or any view of it; torch does not count a bare untyped_storage())
